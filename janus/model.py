@@ -1,0 +1,273 @@
+"""BART-JANUS: a BART encoder-decoder whose decoder runs the AR, NAR and AUX patterns.
+
+The parameters are exactly BART's (``model.*``, ``final_logits_bias``, tied ``lm_head``),
+so a ``facebook/bart-base`` folder loads with no missing or unexpected keys; the only
+JANUS-only parameters are those of the optional length head (``length_head.*``).
+The encoder is HF's ``BartEncoder``; the decoder reuses HF's decoder layer modules but
+runs its own forward so that both streams of both patterns share one SDPA call per layer
+with a boolean mask, and the last layer computes only the rows whose outputs are used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BartConfig, BartForConditionalGeneration, BartModel
+
+from janus.objectives import ObjectiveConfig, janus_losses
+from janus.streams import DecoderStreams, build_streams
+
+JANUS_CONFIG_FILE = "janus_config.json"
+JANUS_EXTRAS_FILE = "janus_extras.pt"
+
+
+@dataclass
+class JanusOutput:
+    """Decoder outputs, kept as hidden states so logits are computed only where needed.
+
+    ``ar_hidden`` [B, N, D] covers every target slot; ``nar_hidden``/``aux_hidden`` [B, M, D]
+    cover the masked positions in left-to-right order (``masked_order`` maps them back to
+    label positions, ``masked_valid`` says which are real). The ``*_logits`` properties give
+    ``[B, N, V]`` aligned to ``labels`` (zeros where a pattern makes no prediction).
+    """
+
+    ar_hidden: torch.Tensor | None
+    nar_hidden: torch.Tensor | None
+    aux_hidden: torch.Tensor | None
+    masked_order: torch.Tensor
+    masked_valid: torch.Tensor
+    target_valid: torch.Tensor
+    encoder_last_hidden_state: torch.Tensor
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    length_logits: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+    def _at_labels(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        if hidden is None:
+            return None
+        compact = self.logits_fn(hidden) * self.masked_valid.unsqueeze(-1)
+        B, N = self.target_valid.shape
+        full = compact.new_zeros(B, N, compact.shape[-1])
+        return full.scatter_add(1, self.masked_order.unsqueeze(-1).expand_as(compact), compact)
+
+    @property
+    def ar_logits(self) -> torch.Tensor | None:
+        return None if self.ar_hidden is None else self.logits_fn(self.ar_hidden)
+
+    @property
+    def nar_logits(self) -> torch.Tensor | None:
+        return self._at_labels(self.nar_hidden)
+
+    @property
+    def aux_logits(self) -> torch.Tensor | None:
+        return self._at_labels(self.aux_hidden)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    R, L, D = x.shape
+    return x.view(R, L, num_heads, D // num_heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    R, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(R, L, H * d)
+
+
+class JanusBart(nn.Module):
+    def __init__(self, config: BartConfig, *, mask_token_id: int | None = None, length_classes: int = 0,
+                 bart: BartModel | None = None, final_logits_bias: torch.Tensor | None = None):
+        super().__init__()
+        config._attn_implementation = "sdpa"
+        self.config = config
+        self.model = bart if bart is not None else BartModel(config)
+        bias = final_logits_bias if final_logits_bias is not None else torch.zeros(1, config.vocab_size)
+        self.register_buffer("final_logits_bias", bias.detach().clone())
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.shared.weight
+        # BART's <mask> is the last id of the vocabulary.
+        self.mask_token_id = config.vocab_size - 1 if mask_token_id is None else mask_token_id
+        self.length_classes = length_classes
+        self.length_head = nn.Linear(config.d_model, length_classes) if length_classes > 0 else None
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ building / saving
+    @classmethod
+    def from_bart(cls, path: str, *, mask_token_id: int | None = None, length_classes: int = 0,
+                  **hf_kwargs) -> "JanusBart":
+        """Load a local HF BART folder (e.g. facebook/bart-base) and wrap it.
+
+        Raises if the checkpoint has unexpected keys or lacks BART parameters; the
+        JANUS-only parameters that start fresh are in ``model.janus_only_keys``.
+        """
+        hf, info = BartForConditionalGeneration.from_pretrained(path, output_loading_info=True, **hf_kwargs)
+        missing = [k for k in info.get("missing_keys", []) if k != "final_logits_bias"]
+        unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith(".version")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a BART checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        model = cls(hf.config, mask_token_id=mask_token_id, length_classes=length_classes,
+                    bart=hf.model, final_logits_bias=hf.final_logits_bias)
+        extras = os.path.join(path, JANUS_EXTRAS_FILE)
+        if os.path.exists(extras):
+            model._load_extras(path)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kw) -> "JanusBart":
+        return cls.from_bart(path, **kw)
+
+    @property
+    def janus_only_keys(self) -> list[str]:
+        return [k for k in self.state_dict() if k.startswith("length_head.")]
+
+    def janus_config(self) -> dict:
+        return {"mask_token_id": self.mask_token_id, "length_classes": self.length_classes}
+
+    def _load_extras(self, path: str) -> None:
+        with open(os.path.join(path, JANUS_CONFIG_FILE)) as f:
+            meta = json.load(f)
+        self.mask_token_id = meta["mask_token_id"]
+        if meta["length_classes"] > 0:
+            if self.length_classes != meta["length_classes"]:
+                self.length_classes = meta["length_classes"]
+                self.length_head = nn.Linear(self.config.d_model, self.length_classes)
+            state = torch.load(os.path.join(path, JANUS_EXTRAS_FILE), map_location="cpu", weights_only=True)
+            self.length_head.load_state_dict({k.removeprefix("length_head."): v for k, v in state.items()})
+
+    def to_hf(self) -> BartForConditionalGeneration:
+        """A ``BartForConditionalGeneration`` holding copies of this model's BART weights."""
+        hf = BartForConditionalGeneration(self.config)
+        bart_state = {k: v for k, v in self.state_dict().items() if not k.startswith("length_head.")}
+        missing, unexpected = hf.load_state_dict(bart_state, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+        hf.tie_weights()
+        return hf
+
+    def save_pretrained(self, path: str) -> None:
+        """HF folder loadable by ``BartForConditionalGeneration.from_pretrained`` + JANUS extras."""
+        os.makedirs(path, exist_ok=True)
+        self.to_hf().save_pretrained(path)
+        with open(os.path.join(path, JANUS_CONFIG_FILE), "w") as f:
+            json.dump(self.janus_config(), f, indent=2)
+        if self.length_head is not None:
+            state = {f"length_head.{k}": v.detach().cpu() for k, v in self.length_head.state_dict().items()}
+            torch.save(state, os.path.join(path, JANUS_EXTRAS_FILE))
+
+    # ------------------------------------------------------------------ encoder side
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def length_logits(self, encoder_out: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Length head: mean of the non-pad encoder states -> logits over lengths 0..L_max."""
+        if self.length_head is None:
+            raise ValueError("this model has no length head (length_classes=0)")
+        w = attention_mask.to(encoder_out.dtype).unsqueeze(-1)
+        pooled = (encoder_out * w).sum(1) / w.sum(1).clamp(min=1)
+        return self.length_head(pooled)
+
+    def cross_kv(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention keys/values, computed once and reusable across decoder calls."""
+        H = self.config.decoder_attention_heads
+        return [(_heads(layer.encoder_attn.k_proj(encoder_out), H), _heads(layer.encoder_attn.v_proj(encoder_out), H))
+                for layer in self.model.decoder.layers]
+
+    # ------------------------------------------------------------------ decoder side
+    def embed_decoder(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        dec = self.model.decoder
+        pos = dec.embed_positions(tokens, position_ids=positions).squeeze(0)
+        h = dec.layernorm_embedding(dec.embed_tokens(tokens) + pos)
+        return F.dropout(h, p=self.config.dropout, training=self.training)
+
+    def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor],
+               cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
+               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One post-LN BART decoder layer. ``rows`` limits the computed rows (keys/values
+        still come from every token); ``past`` prepends cached self-attention keys/values."""
+        H = self.config.decoder_attention_heads
+        drop, attn_drop = self.config.dropout if self.training else 0.0, self.config.attention_dropout if self.training else 0.0
+        sa = layer.self_attn
+        x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        k, v = _heads(sa.k_proj(h), H), _heads(sa.v_proj(h), H)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        a = F.scaled_dot_product_attention(_heads(sa.q_proj(x), H), k, v, attn_mask=self_mask,
+                                           dropout_p=attn_drop, scale=sa.scaling)
+        x = layer.self_attn_layer_norm(x + F.dropout(sa.out_proj(_merge(a)), p=drop, training=self.training))
+        ca = layer.encoder_attn
+        ck, cv = cross
+        if ck.shape[0] != x.shape[0]:  # both pattern halves share one encoder pass
+            reps = x.shape[0] // ck.shape[0]
+            ck, cv = ck.repeat(reps, 1, 1, 1), cv.repeat(reps, 1, 1, 1)
+        a = F.scaled_dot_product_attention(_heads(ca.q_proj(x), H), ck, cv, attn_mask=cross_mask,
+                                           dropout_p=attn_drop, scale=ca.scaling)
+        x = layer.encoder_attn_layer_norm(x + F.dropout(ca.out_proj(_merge(a)), p=drop, training=self.training))
+        f = layer.activation_fn(layer.fc1(x))
+        f = F.dropout(f, p=self.config.activation_dropout if self.training else 0.0, training=self.training)
+        return layer.final_layer_norm(x + F.dropout(layer.fc2(f), p=drop, training=self.training))
+
+    def run_decoder(self, streams: DecoderStreams, encoder_out: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+        """All decoder layers over the streams; returns last-layer states at ``out_rows``."""
+        h = self.embed_decoder(streams.tokens, streams.positions)
+        cross = self.cross_kv(encoder_out)
+        cross_mask = attention_mask.bool()[:, None, None, :]
+        if cross_mask.shape[0] != h.shape[0]:
+            cross_mask = cross_mask.repeat(h.shape[0] // cross_mask.shape[0], 1, 1, 1)
+        layers = self.model.decoder.layers
+        row_mask = streams.self_mask.gather(
+            2, streams.out_rows[:, None, :, None].expand(-1, 1, -1, streams.self_mask.shape[-1]))
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            args = (layer, h, row_mask if last else streams.self_mask, cross[i], cross_mask,
+                    streams.out_rows if last else None)
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                h = self._layer(*args)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden) + self.final_logits_bias.to(hidden.dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                decoder_mask: torch.Tensor | None = None, *, objective: ObjectiveConfig | None = None, streams: DecoderStreams | None = None,
+                patterns: tuple[str, ...] | None = None, length_targets: torch.Tensor | None = None) -> JanusOutput:
+        """One encoder pass, one decoder pass for every requested pattern.
+
+        ``objective`` (a ``janus.objectives.ObjectiveConfig``) decides which patterns run and
+        adds ``losses``/``loss`` to the output; without it all three patterns run (or
+        ``patterns``). ``streams`` may be prebuilt (e.g. in data-loader workers) with
+        ``build_streams``.
+        """
+        if patterns is None:
+            patterns = objective.patterns() if objective is not None else ("ar", "nar", "aux")
+        if streams is None:
+            streams = build_streams(labels, decoder_mask, pad_id=self.config.pad_token_id, mask_id=self.mask_token_id,
+                                    start_id=self.config.decoder_start_token_id,
+                                    ar="ar" in patterns, nar="nar" in patterns, aux="aux" in patterns)
+        if labels.shape[1] >= self.config.max_position_embeddings:
+            raise ValueError(f"target length {labels.shape[1]} needs positions up to {labels.shape[1]}, "
+                             f"but max_position_embeddings is {self.config.max_position_embeddings}")
+        enc = self.encode(input_ids, attention_mask)
+        hidden = self.run_decoder(streams, enc, attention_mask)
+        B, N, M = streams.batch_size, labels.shape[1], streams.num_masked_max
+        nar_rows = hidden[streams.nar_half]
+        out = JanusOutput(
+            ar_hidden=hidden[:B, :N] if streams.has_ar else None,
+            nar_hidden=nar_rows[:, :M] if streams.has_nar else None,
+            aux_hidden=nar_rows[:, streams.aux_offset:streams.aux_offset + M] if streams.has_aux else None,
+            masked_order=streams.masked_order, masked_valid=streams.masked_valid,
+            target_valid=streams.target_valid, encoder_last_hidden_state=enc, logits_fn=self.logits)
+        if self.length_head is not None:
+            out.length_logits = self.length_logits(enc, attention_mask)
+        if objective is not None:
+            out.losses = janus_losses(out, labels, objective, length_targets=length_targets)
+            out.loss = out.losses["total"]
+        return out

@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+from transformers import BartConfig
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+def tiny_bart_config(vocab_size: int = 64, d_model: int = 32, layers: int = 2, heads: int = 4, max_positions: int = 128,
+                     **kw) -> BartConfig:
+    """A tiny random BART config (BART special-token layout: <s>=0 <pad>=1 </s>=2, <mask> last)."""
+    return BartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                      encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
+                      decoder_ffn_dim=2 * d_model, max_position_embeddings=max_positions, **kw)
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_bart_config()
