@@ -1,0 +1,242 @@
+"""Build pretraining shards: sources -> tokenizer -> parallel tokenisation -> packing -> shards + manifest."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .demo import default_cache_dir
+from .manifest import FORMAT, MANIFEST_FILE, write_manifest
+from .packing import pack_document
+from .shards import ShardWriter, file_sha256
+from .sources import DataError, Skips, SourceSpec, iter_documents
+from .tokenizer import load_tokenizer, raw_tokenizer, save_tokenizer, token_classes, train_bpe
+from .vocab import SENTENCE_END, TOKEN_CLASSES_FILE
+
+DEMO_SOURCES = ("demo:wiki", "demo:news@doc_sep=line")
+
+
+@dataclass
+class BuildConfig:
+    out: Path
+    sources: list[str]  # SourceSpec strings, see `--source`
+    tokenizer: Path | None = None  # local BART tokenizer folder; None: train one on the sources
+    vocab_size: int = 8000  # for a trained tokenizer
+    block_size: int = 512
+    shard_tokens: int = 1 << 28  # 256M tokens = 512 MB as uint16
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    chunk_chars: int = 1 << 18  # text per task sent to a worker (small enough to spread one big source)
+    seed: int = 0  # only for fractional source weights
+    strict: bool = False
+    text_field: str = "text"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    overwrite: bool = False
+    progress: bool = True
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run the whole build; returns the manifest (also written to OUT/manifest.json, last)."""
+    if cfg.block_size < 8:
+        raise DataError(f"block_size must be >= 8, got {cfg.block_size}")
+    specs = [SourceSpec.parse(s, cfg.text_field) for s in cfg.sources]
+    if not specs:
+        raise DataError("no sources: give --source ... or --demo")
+    _prepare_out(cfg.out, cfg.overwrite)
+
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        quiet = Skips(strict=cfg.strict, verbose=False)  # the tokenising pass below reports skips
+        tok = train_bpe((d.text for s in specs for d in iter_documents(s, quiet, cfg.cache_dir)), cfg.vocab_size)
+    tokenizer_dir = cfg.out / "tokenizer"
+    tokenizer_record = save_tokenizer(tok, tokenizer_dir)
+    classes = token_classes(tok)
+    np.save(cfg.out / TOKEN_CLASSES_FILE, classes)
+
+    writer = ShardWriter(cfg.out, tokenizer_record["vocab_size"], cfg.shard_tokens)
+    reports = [_new_report(raw, spec) for raw, spec in zip(cfg.sources, specs)]
+    skips = [Skips(strict=cfg.strict) for _ in specs]
+    chunks = _chunks(specs, skips, reports, cfg)
+    init_args = (tokenizer_dir, (classes & SENTENCE_END) > 0, cfg.block_size, tokenizer_record["bos_id"], tokenizer_record["eos_id"])
+    bar = tqdm(desc="tokenize", unit="doc", disable=not cfg.progress, file=sys.stderr)
+    with _worker_map(cfg.workers, init_args) as map_fn:
+        for source_index, n_docs, tokens, lengths, doc_ids, n_split in map_fn(_encode_chunk, chunks):
+            writer.add(tokens, lengths, doc_ids)
+            report = reports[source_index]
+            report["blocks"] += len(lengths)
+            report["tokens"] += int(lengths.sum())
+            report["documents"]["split_into_blocks"] += n_split
+            bar.update(n_docs)
+    bar.close()
+    shard_records = writer.finish()
+
+    for report, skip in zip(reports, skips):
+        report["documents"]["skipped"] = dict(sorted(skip.counts.items()))
+        report["documents"]["read"] = report["documents"]["kept"] + sum(skip.counts.values())
+        report["skip_examples"] = skip.examples
+    manifest = {
+        "format": FORMAT,
+        "config": {"block_size": cfg.block_size, "shard_tokens": cfg.shard_tokens, "seed": cfg.seed, "strict": cfg.strict,
+                   "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else f"trained byte-level BPE, vocab_size={cfg.vocab_size}"},
+        "tokenizer": tokenizer_record,
+        "token_classes_sha256": file_sha256(cfg.out / TOKEN_CLASSES_FILE),
+        "sources": reports,
+        "totals": _totals(reports),
+        "shards": shard_records,
+    }
+    manifest["fingerprint"] = hashlib.sha256(repr((tokenizer_record, manifest["token_classes_sha256"], shard_records)).encode()).hexdigest()
+    write_manifest(cfg.out, manifest)
+    return manifest
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if (out / MANIFEST_FILE).exists() and not overwrite:
+        raise DataError(f"{out} already holds a build (manifest.json); pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    # Remove only what a build writes, so stale shards of an earlier, larger build cannot linger.
+    for path in [*out.glob("shard_*.bin"), *out.glob("shard_*.idx.npy"), out / MANIFEST_FILE, out / TOKEN_CLASSES_FILE]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+
+
+def _new_report(raw: str, spec: SourceSpec) -> dict:
+    return {"spec": raw, "location": spec.location, "weight": spec.weight, "blocks": 0, "tokens": 0,
+            "documents": {"read": 0, "kept": 0, "emitted": 0, "split_into_blocks": 0, "skipped": {}}}
+
+
+def _chunks(specs: list[SourceSpec], skips: list[Skips], reports: list[dict], cfg: BuildConfig) -> Iterator[tuple]:
+    """Tasks (source index, [(first doc id, copies, text), ...]); copies applies the source weight."""
+    next_doc = 0
+    for index, spec in enumerate(specs):
+        whole, frac = int(spec.weight), spec.weight - int(spec.weight)
+        rng = np.random.default_rng([cfg.seed, index, 1])  # seeded: fractional weights pick the same subset every run
+        chunk, chars = [], 0
+        for doc in iter_documents(spec, skips[index], cfg.cache_dir):
+            copies = whole + int(frac > 0 and rng.random() < frac)
+            reports[index]["documents"]["kept"] += 1
+            reports[index]["documents"]["emitted"] += copies
+            if copies:
+                chunk.append((next_doc, copies, doc.text))
+                next_doc += copies
+                chars += len(doc.text)
+            if chars >= cfg.chunk_chars:
+                yield index, chunk
+                chunk, chars = [], 0
+        if chunk:
+            yield index, chunk
+
+
+def _totals(reports: list[dict]) -> dict:
+    docs = Counter()
+    skipped = Counter()
+    for report in reports:
+        docs.update({k: v for k, v in report["documents"].items() if k != "skipped"})
+        skipped.update(report["documents"]["skipped"])
+    return {"documents": {**dict(sorted(docs.items())), "skipped": dict(sorted(skipped.items()))},
+            "blocks": sum(r["blocks"] for r in reports), "tokens": sum(r["tokens"] for r in reports)}
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: Path, sentence_end: np.ndarray, block_size: int, bos_id: int, eos_id: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the worker processes
+    _WORKER.update(tok=raw_tokenizer(tokenizer_dir), sentence_end=sentence_end, block_size=block_size, bos=bos_id, eos=eos_id)
+
+
+def _encode_chunk(task: tuple) -> tuple:
+    source_index, docs = task
+    encodings = _WORKER["tok"].encode_batch([text for _, _, text in docs], add_special_tokens=False)
+    blocks, doc_ids, n_split = [], [], 0
+    for (first_id, copies, _), enc in zip(docs, encodings):
+        pieces = pack_document(np.asarray(enc.ids, dtype=np.int64), _WORKER["block_size"], _WORKER["sentence_end"], _WORKER["bos"], _WORKER["eos"])
+        n_split += copies * (len(pieces) > 1)
+        for copy in range(copies):
+            blocks.extend(pieces)
+            doc_ids.extend([first_id + copy] * len(pieces))
+    lengths = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
+    return source_index, len(docs), np.concatenate(blocks), lengths, np.asarray(doc_ids, dtype=np.int64), n_split
+
+
+class _worker_map:
+    """Ordered map over a process pool (ordered, so shards do not depend on scheduling), or inline."""
+
+    def __init__(self, workers: int, init_args: tuple) -> None:
+        self.workers, self.init_args, self.pool = workers, init_args, None
+
+    def __enter__(self):
+        if self.workers <= 1:
+            _init_worker(*self.init_args)
+            return map
+        self.pool = Pool(self.workers, initializer=_init_worker, initargs=self.init_args)
+        return lambda fn, tasks: self.pool.imap(fn, tasks, chunksize=1)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.build", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build BART-JANUS pretraining shards: read sources, tokenize in worker processes, pack documents "
+                    "into <s>..</s> blocks, write memory-mapped shards + manifest.json + tokenizer/. Masking is not "
+                    "baked in: it is applied per sample by the loader. Same inputs -> byte-identical output.",
+        epilog="""source SPEC: LOCATION[@key=value,...]
+  LOCATION  file (.jsonl/.json lines, .txt, .parquet, .arrow), folder of such files,
+            folder written by datasets' save_to_disk, hf:NAME (datasets.load_dataset from the
+            local cache; set HF_DATASETS_OFFLINE=1 on machines without hub access),
+            demo:wiki / demo:news (texts inside the gensim 4.4.0 wheel)
+  keys      weight=W     copies of each document per epoch (default 1; 0.5 = a seeded half)
+            text_field=F field/column holding the text (default: --text-field)
+            split=S, config=C   for HF datasets (default split: train)
+            doc_sep=blank|line  .txt files: blank-line-separated documents (default) or one per line
+
+examples:
+  python -m data_pipeline.build --demo --out runs/demo_shards
+  python -m data_pipeline.build --out /data/shards --tokenizer /models/bart-base \\
+      --source /data/wikipedia_saved@weight=1 --source /data/bookcorpus/@doc_sep=line,weight=1""")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (shards, manifest.json, tokenizer/)")
+    parser.add_argument("--source", action="append", default=[], metavar="SPEC", help="a source (repeatable), see below")
+    parser.add_argument("--demo", action="store_true", help="add the embedded demo corpus: " + ", ".join(DEMO_SOURCES))
+    parser.add_argument("--tokenizer", type=Path, help="local BART/GPT-2 byte-level BPE tokenizer folder (e.g. bart-base); "
+                                                       "default: train one on the sources")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of a trained tokenizer (default 8000)")
+    parser.add_argument("--block-size", type=int, default=512, help="tokens per block incl. <s> and </s> (default 512)")
+    parser.add_argument("--shard-tokens", type=int, default=1 << 28, help="start a new shard after this many tokens")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes (<=1: inline)")
+    parser.add_argument("--text-field", default="text", help="default text field/column for jsonl and datasets")
+    parser.add_argument("--seed", type=int, default=0, help="seed for fractional source weights")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad input instead of counting skips")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="where the demo wheel is cached (default $BART_JANUS_CACHE or ~/.cache/bart-janus)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing build in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    sources = args.source + (list(DEMO_SOURCES) if args.demo else [])
+    cfg = BuildConfig(out=args.out, sources=sources, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                      block_size=args.block_size, shard_tokens=args.shard_tokens, workers=args.workers, seed=args.seed,
+                      strict=args.strict, text_field=args.text_field, cache_dir=args.cache_dir,
+                      overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        manifest = build(cfg)
+    except (DataError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    totals = manifest["totals"]
+    print(f"wrote {len(manifest['shards'])} shard(s), {totals['blocks']} blocks, {totals['tokens']} tokens to {cfg.out}; "
+          f"documents {totals['documents']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Deterministic, resumable data-parallel loader over a shards folder.
+
+The sample stream is the concatenation of one permutation of all blocks per (seed, epoch).
+Global step s covers stream positions [c, c + world_size * micro_batch_size) with
+c = consumed_samples; rank r takes the r-th contiguous micro-batch of it. So the only state is
+the global `consumed_samples`: resuming with another world size (or micro-batch size) continues
+at the same stream position, nothing repeated or skipped. Batches may straddle an epoch boundary.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .collate import collate
+from .manifest import read_manifest
+from .masking import MaskingConfig, mask_sample
+from .shards import ShardReader
+from .vocab import VocabInfo
+
+__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "read_manifest", "epoch_permutation"]
+
+
+@dataclass
+class DataConfig:
+    shards_dir: str | Path
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes; results do not depend on it
+    max_source_length: int | None = None  # None: the block size of the build
+    max_target_length: int | None = None
+    prefetch_factor: int = 2  # batches prefetched per worker (num_workers > 0 only)
+
+
+def epoch_permutation(seed: int, epoch: int, num_blocks: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_blocks)
+
+
+class _BlockBatches(Dataset):
+    """Map-style dataset whose item is a whole micro-batch: key = int64 [2, B] of (epoch, block id).
+    Masking + collation run in the DataLoader worker; the batch is a pure function of the key."""
+
+    def __init__(self, cfg: DataConfig, manifest: dict) -> None:
+        self.cfg = cfg
+        self.blocks = ShardReader(cfg.shards_dir, manifest)
+        self.vocab = VocabInfo.from_shards_dir(cfg.shards_dir)
+        block_size = manifest["config"]["block_size"]
+        self.max_source = min(cfg.max_source_length or block_size, block_size)
+        self.max_target = min(cfg.max_target_length or block_size, block_size)
+        if min(self.max_source, self.max_target) < 3:
+            raise ValueError("max_source_length and max_target_length must be >= 3 (<s> token </s>)")
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, key: np.ndarray) -> dict[str, torch.Tensor]:
+        sources, labels, decoder_masks = [], [], []
+        for epoch, block_id in key.T:
+            block = _truncate(self.blocks.block(int(block_id)), self.max_target, self.vocab.eos_id)
+            sample = mask_sample(block, self.cfg.masking, self.vocab, seed=self.cfg.seed, epoch=int(epoch), index=int(block_id))
+            sources.append(_truncate(sample.input_ids, self.max_source, self.vocab.eos_id))
+            labels.append(block)
+            decoder_masks.append(sample.decoder_mask)
+        return collate(sources, labels, decoder_masks, self.vocab.pad_id)
+
+
+def _truncate(ids: np.ndarray, max_len: int, eos_id: int) -> np.ndarray:
+    """Cut to max_len keeping the closing </s>."""
+    return ids if len(ids) <= max_len else np.append(ids[: max_len - 1], eos_id)
+
+
+class _RankKeys(torch.utils.data.Sampler):
+    """Infinite stream of this rank's batch keys, starting at global position `consumed`."""
+
+    def __init__(self, seed: int, num_blocks: int, consumed: int, rank: int, world_size: int, micro_batch_size: int) -> None:
+        self.seed, self.num_blocks, self.consumed = seed, num_blocks, consumed
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self._epoch, self._perm = -1, None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        step_start = self.consumed
+        while True:
+            first = step_start + self.rank * self.micro_batch_size
+            positions = np.arange(first, first + self.micro_batch_size)
+            epochs = positions // self.num_blocks
+            block_ids = np.empty_like(positions)
+            for epoch in np.unique(epochs):  # at most two: a batch may straddle an epoch boundary
+                here = epochs == epoch
+                block_ids[here] = self._permutation(int(epoch))[positions[here] % self.num_blocks]
+            yield np.stack([epochs, block_ids])
+            step_start += self.world_size * self.micro_batch_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # keep only the newest epoch's permutation in memory
+            self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.num_blocks)
+        return self._perm
+
+
+class PretrainLoader:
+    """Iterates forever; `consumed_samples` counts samples of batches actually yielded (all ranks),
+    so `state_dict()` taken after any batch resumes exactly at the next one, whatever num_workers."""
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.cfg, self.rank, self.world_size, self.micro_batch_size = cfg, rank, world_size, micro_batch_size
+        self.manifest = read_manifest(cfg.shards_dir)
+        self.dataset = _BlockBatches(cfg, self.manifest)
+        self.vocab = self.dataset.vocab
+        self.num_blocks = len(self.dataset)
+        if self.num_blocks == 0:
+            raise ValueError(f"{cfg.shards_dir}: the shards hold no blocks")
+        self.consumed_samples = 0
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sample."""
+        return self.consumed_samples // self.num_blocks
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.micro_batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        keys = _RankKeys(self.cfg.seed, self.num_blocks, self.consumed_samples, self.rank, self.world_size, self.micro_batch_size)
+        workers = self.cfg.num_workers
+        loader = DataLoader(self.dataset, sampler=keys, batch_size=None, num_workers=workers,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        for batch in loader:
+            self.consumed_samples += self.global_batch_size
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "seed": self.cfg.seed,
+                "data_fingerprint": self.manifest["fingerprint"], "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state["consumed_samples"]`; takes effect at the next `iter()`. World size and
+        micro-batch size may differ from the saved ones; seed and data must not."""
+        if state["seed"] != self.cfg.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, this loader uses {self.cfg.seed}")
+        if state["data_fingerprint"] != self.manifest["fingerprint"]:
+            raise ValueError("state was saved on different shards (manifest fingerprint differs)")
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def build_pretrain_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int) -> PretrainLoader:
+    return PretrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size)

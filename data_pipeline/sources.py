@@ -1,0 +1,189 @@
+"""Document sources: local jsonl/txt/parquet/arrow files or folders, HF datasets saved with
+`save_to_disk` or cached by name, and the embedded gensim demo texts.
+
+Every document carries `where` ("file:line" or "path[row i]") so bad input is reported precisely.
+Bad units are either a `DataError` (strict mode) or a counted skip with examples in the manifest.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".arrow")
+HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+SKIP_EXAMPLES = 20  # locations kept per skip reason in the manifest
+SKIP_WARNINGS = 5  # skips printed per reason before going quiet
+
+
+class DataError(ValueError):
+    """Bad input, with its location in the message."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """`LOCATION[@key=value,...]`; keys: weight, text_field, split, config, doc_sep (txt: blank|line).
+    LOCATION: a file, a folder, `hf:NAME` (datasets.load_dataset, local cache), `demo:wiki`, `demo:news`."""
+
+    location: str
+    weight: float = 1.0  # copies of each document per epoch; fractional part = a seeded random subset
+    text_field: str = "text"
+    split: str = "train"
+    config: str | None = None
+    doc_sep: str = "blank"  # txt files: documents separated by blank lines, or one per line
+
+    @classmethod
+    def parse(cls, spec: str, text_field: str = "text") -> "SourceSpec":
+        location, _, options = spec.partition("@")
+        kwargs: dict = {"text_field": text_field}
+        for item in filter(None, options.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or key not in ("weight", "text_field", "split", "config", "doc_sep"):
+                raise DataError(f"source {spec!r}: bad option {item!r} (keys: weight, text_field, split, config, doc_sep)")
+            kwargs[key] = float(value) if key == "weight" else value
+        made = cls(location=location, **kwargs)
+        if made.weight < 0 or made.doc_sep not in ("blank", "line"):
+            raise DataError(f"source {spec!r}: weight must be >= 0 and doc_sep blank|line")
+        return made
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    where: str
+
+
+@dataclass
+class Skips:
+    """Counted skips by reason, with the first locations of each; raises instead when strict."""
+
+    strict: bool = False
+    verbose: bool = True  # print the first few skips of each reason to stderr
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        message = f"{where}: {reason}" + (f": {detail}" if detail else "")
+        if self.strict:
+            raise DataError(message + " (strict mode; drop --strict to skip and count such input)")
+        self.counts[reason] += 1
+        seen = self.examples.setdefault(reason, [])
+        if len(seen) < SKIP_EXAMPLES:
+            seen.append(message)
+        if self.verbose and self.counts[reason] <= SKIP_WARNINGS:
+            print(f"skipped {message}", file=sys.stderr)
+
+
+def iter_documents(spec: SourceSpec, skips: Skips, cache_dir: Path) -> Iterator[Document]:
+    if spec.location.startswith("demo:"):
+        from .demo import demo_documents
+        yield from demo_documents(spec.location.removeprefix("demo:"), cache_dir, skips)
+    elif spec.location.startswith("hf:"):
+        import datasets
+        name = spec.location.removeprefix("hf:")
+        yield from _dataset_rows(datasets.load_dataset(name, spec.config, split=spec.split), name, spec.text_field, skips)
+    else:
+        path = Path(spec.location)
+        if not path.exists():
+            raise DataError(f"source not found: {path}")
+        if path.is_dir():
+            yield from _folder(path, spec, skips)
+        else:
+            yield from _file(path, spec, skips)
+
+
+def _folder(path: Path, spec: SourceSpec, skips: Skips) -> Iterator[Document]:
+    if any((path / marker).is_file() for marker in HF_DISK_MARKERS):
+        import datasets
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if spec.split not in data:
+                raise DataError(f"{path}: no split {spec.split!r} (has {sorted(data)}); set @split=...")
+            data = data[spec.split]
+        yield from _dataset_rows(data, str(path), spec.text_field, skips)
+        return
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: folder holds no {'/'.join(FILE_SUFFIXES)} files and is not a saved HF dataset")
+    for file in files:
+        yield from _file(file, spec, skips)
+
+
+def _file(path: Path, spec: SourceSpec, skips: Skips) -> Iterator[Document]:
+    if path.suffix in (".jsonl", ".json"):
+        yield from _jsonl(path, spec.text_field, skips)
+    elif path.suffix == ".txt":
+        yield from _text(path, spec.doc_sep, skips)
+    elif path.suffix in (".parquet", ".arrow"):
+        import datasets
+        data = datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else datasets.Dataset.from_file(str(path))
+        yield from _dataset_rows(data, str(path), spec.text_field, skips)
+    else:
+        raise DataError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)}, a folder, or hf:NAME)")
+
+
+def _lines(path: Path, skips: Skips) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line that is valid UTF-8; invalid lines are counted skips."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                skips.skip("invalid_utf8", f"{path}:{lineno}", f"byte {err.start}")
+
+
+def _jsonl(path: Path, text_field: str, skips: Skips) -> Iterator[Document]:
+    for lineno, line in _lines(path, skips):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            skips.skip("empty", where, "blank line")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            skips.skip("malformed_json", where, err.msg)
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            skips.skip("missing_text_field", where, f"no string field {text_field!r}")
+        elif not text.strip():
+            skips.skip("empty", where)
+        else:
+            yield Document(text.strip(), where)
+
+
+def _text(path: Path, doc_sep: str, skips: Skips) -> Iterator[Document]:
+    if doc_sep == "line":
+        for lineno, line in _lines(path, skips):
+            if line.strip():
+                yield Document(line.strip(), f"{path}:{lineno}")
+            else:
+                skips.skip("empty", f"{path}:{lineno}", "blank line")
+        return
+    paragraph, first = [], 0
+    for lineno, line in _lines(path, skips):
+        if line.strip():
+            paragraph.append(line.rstrip("\r\n"))
+            first = first or lineno
+        elif paragraph:
+            yield Document("\n".join(paragraph).strip(), f"{path}:{first}")
+            paragraph, first = [], 0
+    if paragraph:
+        yield Document("\n".join(paragraph).strip(), f"{path}:{first}")
+
+
+def _dataset_rows(data, name: str, text_field: str, skips: Skips) -> Iterator[Document]:
+    if text_field not in data.column_names:
+        raise DataError(f"{name}: no column {text_field!r} (columns: {data.column_names}); set @text_field=...")
+    for start in range(0, len(data), 1000):
+        for offset, text in enumerate(data[start:start + 1000][text_field]):
+            where = f"{name}[row {start + offset}]"
+            if not isinstance(text, str):
+                skips.skip("missing_text_field", where, f"{text_field!r} is {type(text).__name__}")
+            elif not text.strip():
+                skips.skip("empty", where)
+            else:
+                yield Document(text.strip(), where)

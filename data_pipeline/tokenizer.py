@@ -1,0 +1,102 @@
+"""Byte-level BPE in BART's layout: <s>=0, <pad>=1, </s>=2, <unk>=3, ..., <mask>=last id (lstrip=True).
+
+Either loaded from a local folder (real runs: bart-base's) or trained on the corpus (demo, tests).
+Whatever the source, the build saves it to `OUT/tokenizer/` with `save_pretrained`, so the model
+side loads the exact tokenizer the shards were made with.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, BartTokenizerFast, PreTrainedTokenizerBase
+
+from .shards import file_sha256
+from .sources import DataError
+from .vocab import SENTENCE_END, WORD_START
+
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+SENTENCE_FINAL = ".!?"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """Train a GPT-2-style byte-level BPE; deterministic for the same texts in the same order."""
+    if vocab_size < 256 + len(SPECIALS) + 1:
+        raise DataError(f"vocab_size must be >= {256 + len(SPECIALS) + 1} (bytes + specials + <mask>), got {vocab_size}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"], **{"<mask>": len(model["vocab"])})
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return BartTokenizerFast(vocab=vocab, merges=merges, mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True))
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    check_layout(tok, str(path))
+    return tok
+
+
+def check_layout(tok: PreTrainedTokenizerBase, where: str) -> None:
+    expected = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": len(tok) - 1}
+    actual = {name: getattr(tok, f"{name}_token_id") for name in expected}
+    if actual != expected:
+        raise DataError(f"{where}: tokenizer special ids {actual} are not BART's layout {expected}")
+
+
+def save_tokenizer(tok: PreTrainedTokenizerBase, out_dir: Path) -> dict:
+    """Save to out_dir and return the manifest record (ids, size, sha256 of tokenizer.json)."""
+    tok.save_pretrained(str(out_dir))
+    return {
+        "vocab_size": len(tok), "bos_id": tok.bos_token_id, "pad_id": tok.pad_token_id, "eos_id": tok.eos_token_id,
+        "unk_id": tok.unk_token_id, "mask_id": tok.mask_token_id, "sha256": file_sha256(out_dir / "tokenizer.json"),
+    }
+
+
+def token_classes(tok: PreTrainedTokenizerBase) -> np.ndarray:
+    """uint8 per id: WORD_START if the token begins with whitespace (GPT-2 BPE marks a word start
+    with a leading space) or is special; SENTENCE_END if its text ends with . ! ? or is a line break."""
+    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    classes = np.zeros(len(tok), dtype=np.uint8)
+    specials = set(tok.all_special_ids)
+    for token, i in tok.get_vocab().items():
+        if i in specials:
+            classes[i] = WORD_START
+            continue
+        if any(ch not in byte_of for ch in token):
+            raise DataError(f"token {token!r} (id {i}) is not byte-level BPE; a BART/GPT-2 tokenizer is required")
+        text = bytes(byte_of[ch] for ch in token).decode("utf-8", errors="replace")
+        if text[:1].isspace():
+            classes[i] |= WORD_START
+        last = text.rstrip(" ")[-1:]
+        if (last and last in SENTENCE_FINAL) or (last == "\n" and text.strip() == ""):
+            classes[i] |= SENTENCE_END
+    return classes
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def raw_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    """The Rust tokenizer for worker processes. Special-token text inside documents (a literal
+    "<mask>" in an article) is encoded as plain text, never as the special id."""
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    return tok
