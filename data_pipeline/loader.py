@@ -22,7 +22,7 @@ from .masking import MaskingConfig, mask_sample
 from .shards import ShardReader
 from .vocab import VocabInfo
 
-__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "read_manifest", "epoch_permutation"]
+__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "read_manifest", "epoch_permutation", "mask_and_collate"]
 
 
 @dataclass
@@ -58,14 +58,19 @@ class _BlockBatches(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, key: np.ndarray) -> dict[str, torch.Tensor]:
-        sources, labels, decoder_masks = [], [], []
-        for epoch, block_id in key.T:
-            block = _truncate(self.blocks.block(int(block_id)), self.max_target, self.vocab.eos_id)
-            sample = mask_sample(block, self.cfg.masking, self.vocab, seed=self.cfg.seed, epoch=int(epoch), index=int(block_id))
-            sources.append(_truncate(sample.input_ids, self.max_source, self.vocab.eos_id))
-            labels.append(block)
-            decoder_masks.append(sample.decoder_mask)
-        return collate(sources, labels, decoder_masks, self.vocab.pad_id)
+        blocks = [_truncate(self.blocks.block(int(i)), self.max_target, self.vocab.eos_id) for i in key[1]]
+        return mask_and_collate(blocks, key[0], key[1], self.cfg.masking, self.vocab, self.cfg.seed, self.max_source)
+
+
+def mask_and_collate(blocks: list[np.ndarray], epochs: np.ndarray, indices: np.ndarray, masking: MaskingConfig,
+                     vocab: VocabInfo, seed: int, max_source: int) -> dict[str, torch.Tensor]:
+    """Noise each block (labels = the block itself) and pad everything into one batch."""
+    sources, decoder_masks = [], []
+    for block, epoch, index in zip(blocks, epochs.tolist(), indices.tolist()):
+        sample = mask_sample(block, masking, vocab, seed=seed, epoch=epoch, index=index)
+        sources.append(_truncate(sample.input_ids, max_source, vocab.eos_id))
+        decoder_masks.append(sample.decoder_mask)
+    return collate(sources, blocks, decoder_masks, vocab.pad_id)
 
 
 def _truncate(ids: np.ndarray, max_len: int, eos_id: int) -> np.ndarray:
