@@ -1,0 +1,57 @@
+"""Process-group set-up shared by every entry point, and rank-0 printing in one place."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed; works under torchrun, the deepspeed
+    launcher, srun (via torchrun) and plain ``python`` (a one-rank group). Returns
+    (rank, world_size, local_rank)."""
+    if "RANK" not in os.environ:  # plain python: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accel.device_name(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

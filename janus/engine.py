@@ -1,0 +1,266 @@
+"""The one DeepSpeed training loop shared by pretraining and finetuning.
+
+An entry point builds a model, a resumable batch iterator and a ``loss_fn``; ``train``
+does the rest, top to bottom: DeepSpeed config validation, engine set-up, resume, the
+step loop with gradient accumulation and non-finite guards, TensorBoard/console/JSONL
+logging, and checkpoints that count only when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from janus import checkpoint
+from janus.distributed import device, is_rank0, print0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    schedule: str = field(default="polynomial", metadata={"help": "polynomial | inverse_sqrt | constant"})
+    warmup_steps: int = 1000
+    end_lr: float = field(default=0.0, metadata={"help": "final lr of the polynomial decay"})
+    power: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("polynomial", "inverse_sqrt", "constant"):
+            raise ValueError(f"optim.schedule must be polynomial, inverse_sqrt or constant, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+
+
+@dataclass
+class RunConfig:
+    deepspeed_config: str = field(default="ds_configs/zero2_fp32_cpu.json", metadata={"help": "DeepSpeed JSON"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "per rank; must agree with the DS config"})
+    grad_accum: int | None = field(default=None, metadata={"help": "must agree with the DS config"})
+    global_batch_size: int | None = field(default=None, metadata={"help": "micro x accum x world; checked"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps in total"})
+    save_dir: str = "runs/pretrain"
+    save_every: int = 500
+    keep_last: int = field(default=3, metadata={"help": "complete checkpoints kept (0 = all)"})
+    resume: str = field(default="auto", metadata={"help": "auto (latest complete in save_dir) | none | a tag"})
+    log_every: int = 10
+    tensorboard: bool = True
+    seed: int = 1234
+    max_nonfinite: int = field(default=20, metadata={"help": "stop after this many skipped non-finite steps"})
+    crash_at_step: int = field(default=0, metadata={"help": "testing: hard exit after this step (simulated kill)"})
+    crash_in_save_at_step: int = field(default=0, metadata={"help": "testing: die in the middle of this save"})
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        if optim.schedule == "inverse_sqrt":
+            return math.sqrt(max(optim.warmup_steps, 1) / (step + 1))
+        span = max(max_steps - optim.warmup_steps, 1)
+        remaining = max(0.0, 1.0 - (step - optim.warmup_steps) / span)
+        end = optim.end_lr / optim.lr
+        return end + (1.0 - end) * remaining ** optim.power
+    return factor
+
+
+def resolve_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict:
+    """Load the DeepSpeed JSON and check it agrees with the run config (clear errors otherwise)."""
+    try:
+        with open(run.deepspeed_config) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DeepSpeed config {run.deepspeed_config} not found (see ds_configs/)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{run.deepspeed_config}:{e.lineno}: invalid JSON: {e.msg}") from None
+    autos = [k for k, v in ds.items() if v == "auto"]
+    if autos:
+        raise ValueError(f"{run.deepspeed_config}: 'auto' values are not resolved here; set concrete values for {autos}")
+
+    def agree(name: str, ours, key: str):
+        theirs = ds.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(f"batch size mismatch: {name}={ours} but {run.deepspeed_config} has {key}={theirs}")
+        return ours if ours is not None else theirs
+
+    micro = agree("micro_batch_size", run.micro_batch_size, "train_micro_batch_size_per_gpu")
+    accum = agree("grad_accum", run.grad_accum, "gradient_accumulation_steps") or 1
+    if micro is None:
+        raise ValueError("set run.micro_batch_size or train_micro_batch_size_per_gpu in the DeepSpeed config")
+    global_batch = micro * accum * world_size
+    for name, value in (("global_batch_size", run.global_batch_size), ("train_batch_size", ds.get("train_batch_size"))):
+        if value is not None and value != global_batch:
+            raise ValueError(f"batch size mismatch: {name}={value} but micro {micro} x accum {accum} x world "
+                             f"{world_size} = {global_batch}")
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=global_batch)
+    ds.setdefault("gradient_clipping", 1.0)
+    if "optimizer" in ds:  # DeepSpeed builds it (e.g. for offload): its values must be ours
+        params = ds["optimizer"].get("params", {})
+        ours = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+        for k, v in ours.items():
+            if k in params and (list(params[k]) if isinstance(params[k], (list, tuple)) else params[k]) != v:
+                raise ValueError(f"{run.deepspeed_config}: optimizer.params.{k}={params[k]} disagrees with optim.{k}={v}")
+        ds["optimizer"]["params"] = {**params, **ours}
+    return ds
+
+
+class _Tracker:
+    """Rank-0 TensorBoard + console + metrics.jsonl."""
+
+    def __init__(self, run: RunConfig):
+        self.writer = None
+        self.jsonl = None
+        if is_rank0():
+            os.makedirs(run.save_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(run.save_dir, "metrics.jsonl"), "a")
+            if run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(run.save_dir, "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float], max_steps: int) -> None:
+        if not is_rank0():
+            return
+        for k, v in scalars.items():
+            if self.writer is not None:
+                self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        losses = "  ".join(f"{k[5:]} {v:.3f}" for k, v in scalars.items() if k.startswith("loss/"))
+        print0(f"step {step}/{max_steps}  {losses}  lr {scalars['lr']:.2e}  gnorm {scalars['grad_norm']:.2f}  "
+               f"{scalars['throughput/tokens_per_s']:.0f} tok/s  data {100 * scalars['throughput/data_wait_share']:.0f}%")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, loss_fn: Callable,
+          model_meta: dict, config_dump: dict) -> dict:
+    """Run the loop. ``loader`` iterates batches (dicts of tensors) forever and has
+    ``state_dict``/``load_state_dict``; ``loss_fn(engine, batch) -> (loss, {name: scalar tensor})``.
+    Returns a summary dict (also written to ``<save_dir>/train_summary.json``)."""
+    import deepspeed
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ds_config = resolve_ds_config(run, optim, world)
+    accum = ds_config["gradient_accumulation_steps"]
+    torch.manual_seed(run.seed + rank)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    schedule = lr_lambda(optim, run.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        model_parameters=None if optimizer is not None else model.parameters(),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    dev = device()
+
+    root = os.path.join(run.save_dir, "checkpoints")
+    step, nonfinite = 0, 0
+    tag = run.resume if run.resume not in ("auto", "none") else (
+        checkpoint.latest_complete(root) if run.resume == "auto" else None)
+    if tag:
+        with open(os.path.join(root, tag, "COMPLETE")) as f:
+            saved_world = json.load(f).get("world_size", world)
+        if saved_world != world:
+            raise RuntimeError(
+                f"checkpoint {tag} was written by {saved_world} ranks, this run has {world}. ZeRO optimizer shards "
+                "cannot be loaded at another data-parallel size: convert it with DeepSpeed's ds_to_universal.py and "
+                "load it with \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config, or resume with "
+                f"{saved_world} ranks.")
+        client = checkpoint.load(engine, root, tag)
+        step, nonfinite = client["step"], client.get("nonfinite", 0)
+        loader.load_state_dict(client["loader"])
+        print0(f"resumed from {os.path.join(root, tag)} at step {step}")
+    if is_rank0():
+        os.makedirs(run.save_dir, exist_ok=True)
+        with open(os.path.join(run.save_dir, "config.json"), "w") as f:
+            json.dump(config_dump, f, indent=2, default=str)
+
+    tracker = _Tracker(run)
+    batches: Iterable = iter(loader)
+    sums: dict[str, torch.Tensor] = {}
+    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    engine.train()
+    while step < run.max_steps:
+        done = 0
+        while done < accum:
+            t = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t
+            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, scalars = loss_fn(engine, batch)
+            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:  # every rank skips the same micro-batch
+                nonfinite += 1
+                print0(f"step {step + 1}: non-finite loss, batch skipped ({nonfinite}/{run.max_nonfinite})")
+                if nonfinite >= run.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite} non-finite losses: stopping (run.max_nonfinite)")
+                continue
+            engine.backward(loss)
+            engine.step()
+            done += 1
+            for k, v in scalars.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        step += 1
+        window_steps += 1
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
+            nonfinite += 1
+            print0(f"step {step}: non-finite grad norm ({nonfinite}/{run.max_nonfinite})")
+            if nonfinite >= run.max_nonfinite:
+                raise RuntimeError(f"{nonfinite} non-finite steps: stopping (run.max_nonfinite)")
+        if step % run.log_every == 0 or step == run.max_steps:
+            names = sorted(sums)
+            packed = torch.stack([sums[k] for k in names]).to(dev)
+            dist.all_reduce(packed)
+            totals = dict(zip(names, packed.tolist()))
+            elapsed = time.perf_counter() - window_start
+            n_tok, n_samples = totals.pop("n_tokens", 0.0), totals.pop("n_samples", 0.0)
+            n_masked, n_src_masked, n_src = (totals.pop(k, 0.0) for k in ("n_masked", "n_src_masked", "n_src"))
+            denom = world * accum * window_steps
+            out = {f"loss/{k}": v / denom for k, v in totals.items()}
+            out.update({
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "loss_scale": float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)) or 1.0),
+                "throughput/tokens_per_s": n_tok / elapsed, "throughput/samples_per_s": n_samples / elapsed,
+                "throughput/data_wait_share": data_wait / elapsed, "nonfinite_skipped": nonfinite,
+            })
+            if n_tok:
+                out["mask/decoder_ratio"] = n_masked / n_tok
+            if n_src:
+                out["mask/encoder_ratio"] = n_src_masked / n_src
+            tracker.log(step, out, run.max_steps)
+            sums, window_start, data_wait, window_steps = {}, time.perf_counter(), 0.0, 0
+        if step % run.save_every == 0 or step == run.max_steps:
+            client = {"step": step, "nonfinite": nonfinite, "loader": loader.state_dict(),
+                      "summary": {"world_size": world}}
+            checkpoint.save(engine, root, step, client, model_meta, run.keep_last,
+                            fail_midway=run.crash_in_save_at_step == step)
+        if run.crash_at_step == step:
+            os._exit(17)  # test hook: a kill right after this step
+    tracker.close()
+    summary = {"steps": step, "nonfinite_skipped": nonfinite, "checkpoint": checkpoint.latest_complete(root),
+               "save_dir": run.save_dir, "run": asdict(run)}
+    if is_rank0():
+        with open(os.path.join(run.save_dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

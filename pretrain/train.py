@@ -1,0 +1,118 @@
+"""Continued JANUS pretraining of BART (BART-JANUS) with DeepSpeed ZeRO.
+
+Launch with any of:
+
+    torchrun --nproc_per_node 8 pretrain/train.py --config cfg.json [--section.field value ...]
+    deepspeed --num_gpus 8 pretrain/train.py --config cfg.json
+    sbatch slurm/pretrain.sh            (see slurm/README in the main README)
+
+Every configuration field is a flag (see --help); a JSON file given with --config sets
+them first. Checkpoints, TensorBoard logs and metrics.jsonl go to --run.save_dir;
+``--run.resume auto`` (the default) continues from the newest complete checkpoint there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from transformers import BartConfig
+
+from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
+from janus.config import add_config_arguments, config_from_args, to_dict
+from janus.distributed import init_distributed, print0
+from janus.engine import OptimConfig, RunConfig, train
+from janus.model import JanusBart
+from janus.objectives import ObjectiveConfig
+
+
+@dataclass
+class ModelConfig:
+    init_from: str | None = field(default=None, metadata={"help": "local HF BART folder (e.g. bart-base)"})
+    bart: dict = field(default_factory=dict, metadata={"help": "BartConfig kwargs (JSON) for a random model"})
+    dropout: float | None = field(default=None, metadata={"help": "override dropout"})
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards_dir=""))
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def build_model(cfg: ModelConfig, tokenizer: dict) -> JanusBart:
+    """Load or create the model and check it matches the tokenizer the shards were built with."""
+    if cfg.init_from:
+        if not os.path.isdir(cfg.init_from):
+            raise FileNotFoundError(f"model.init_from={cfg.init_from}: no such folder (a local HF BART folder)")
+        model = JanusBart.from_bart(cfg.init_from, mask_token_id=tokenizer["mask_id"])
+    else:
+        kwargs = {"vocab_size": tokenizer["vocab_size"], "pad_token_id": tokenizer["pad_id"],
+                  "bos_token_id": tokenizer["bos_id"], "eos_token_id": tokenizer["eos_id"],
+                  "decoder_start_token_id": tokenizer["eos_id"], "forced_eos_token_id": tokenizer["eos_id"],
+                  **cfg.bart}
+        model = JanusBart(BartConfig(**kwargs), mask_token_id=tokenizer["mask_id"])
+    c = model.config
+    problems = [f"{name}: tokenizer {tokenizer[key]} vs model {getattr(c, attr)}"
+                for name, key, attr in (("vocab size", "vocab_size", "vocab_size"), ("<pad>", "pad_id", "pad_token_id"),
+                                        ("</s>", "eos_id", "eos_token_id"))
+                if tokenizer[key] != getattr(c, attr)]
+    if problems:
+        raise ValueError("tokenizer/model vocabulary mismatch (shards built with another tokenizer?): "
+                         + "; ".join(problems))
+    if cfg.dropout is not None:
+        c.dropout = cfg.dropout
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def janus_loss_fn(objective: ObjectiveConfig):
+    terms = None
+
+    def loss_fn(engine, batch):
+        nonlocal terms
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decoder_mask"],
+                     objective=objective)
+        scalars = {k: v for k, v in out.losses.items() if k != "total" and not k.startswith("n_")}
+        scalars.update(total=out.loss, n_tokens=out.losses["n_tokens"], n_masked=out.losses["n_masked"],
+                       n_samples=torch.tensor(float(batch["labels"].shape[0])))
+        for k in ("n_src_masked", "n_src"):
+            if k in batch:
+                scalars[k] = batch[k].sum()
+        return out.loss, scalars
+
+    return loss_fn
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, PretrainConfig)
+    cfg = config_from_args(PretrainConfig, parser.parse_args(argv))
+    if not cfg.data.shards_dir:
+        parser.error("--data.shards_dir is required (build shards with python -m data_pipeline.build)")
+    rank, world, _ = init_distributed()
+    manifest = read_manifest(cfg.data.shards_dir)
+    model = build_model(cfg.model, manifest["tokenizer"])
+    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, objective "
+           f"{cfg.objective.preset} ({', '.join(cfg.objective.patterns())}), world size {world}")
+    micro = cfg.run.micro_batch_size
+    if micro is None:
+        from janus.engine import resolve_ds_config
+
+        micro = resolve_ds_config(cfg.run, cfg.optim, world)["train_micro_batch_size_per_gpu"]
+    loader = build_pretrain_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=micro)
+    meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "tokenizer": manifest["tokenizer"],
+            "tokenizer_dir": os.path.join(os.path.abspath(str(cfg.data.shards_dir)), "tokenizer")}
+    return train(cfg.run, cfg.optim, model, loader, janus_loss_fn(cfg.objective), meta, to_dict(cfg))
+
+
+if __name__ == "__main__":
+    main()
