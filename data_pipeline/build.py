@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -51,13 +51,15 @@ def build(cfg: BuildConfig) -> dict:
     specs = [SourceSpec.parse(s, cfg.text_field) for s in cfg.sources]
     if not specs:
         raise DataError("no sources: give --source ... or --demo")
-    _prepare_out(cfg.out, cfg.overwrite)
+    if (cfg.out / MANIFEST_FILE).exists() and not cfg.overwrite:
+        raise DataError(f"{cfg.out} already holds a build (manifest.json); pass --overwrite to replace it")
 
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
     else:
         quiet = Skips(strict=cfg.strict, verbose=False)  # the tokenising pass below reports skips
         tok = train_bpe((d.text for s in specs for d in iter_documents(s, quiet, cfg.cache_dir)), cfg.vocab_size)
+    _clean_out(cfg.out)  # only now: --tokenizer may point into the old build
     tokenizer_dir = cfg.out / "tokenizer"
     tokenizer_record = save_tokenizer(tok, tokenizer_dir)
     classes = token_classes(tok)
@@ -99,9 +101,7 @@ def build(cfg: BuildConfig) -> dict:
     return manifest
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if (out / MANIFEST_FILE).exists() and not overwrite:
-        raise DataError(f"{out} already holds a build (manifest.json); pass --overwrite to replace it")
+def _clean_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Remove only what a build writes, so stale shards of an earlier, larger build cannot linger.
     for path in [*out.glob("shard_*.bin"), *out.glob("shard_*.idx.npy"), out / MANIFEST_FILE, out / TOKEN_CLASSES_FILE]:
@@ -169,7 +169,8 @@ def _encode_chunk(task: tuple) -> tuple:
 
 
 class _worker_map:
-    """Ordered map over a process pool (ordered, so shards do not depend on scheduling), or inline."""
+    """Ordered map over a process pool (ordered, so shards do not depend on scheduling), or inline.
+    At most a few tasks per worker are in flight: Pool.imap would read the whole corpus ahead."""
 
     def __init__(self, workers: int, init_args: tuple) -> None:
         self.workers, self.init_args, self.pool = workers, init_args, None
@@ -179,7 +180,16 @@ class _worker_map:
             _init_worker(*self.init_args)
             return map
         self.pool = Pool(self.workers, initializer=_init_worker, initargs=self.init_args)
-        return lambda fn, tasks: self.pool.imap(fn, tasks, chunksize=1)
+        return self._bounded_imap
+
+    def _bounded_imap(self, fn, tasks) -> Iterator:
+        pending = deque()
+        for task in tasks:
+            pending.append(self.pool.apply_async(fn, (task,)))
+            if len(pending) >= 4 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:

@@ -133,6 +133,8 @@ def test_local_tokenizer_folder_is_reused(tmp_path):
     second = build_tiny(tmp_path / "second", [source], tokenizer=tmp_path / "first" / "tokenizer")
     assert second["tokenizer"] == first["tokenizer"]
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
+    again = build_tiny(tmp_path / "first", [source], tokenizer=tmp_path / "first" / "tokenizer", overwrite=True)
+    assert again["fingerprint"] == first["fingerprint"]  # a tokenizer inside the build being replaced still works
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
