@@ -1,10 +1,7 @@
-"""Deterministic, resumable data-parallel loader over a shards folder.
+"""Deterministic, resumable data-parallel loader over a shards folder (sample order: sampling.py).
 
-The sample stream is the concatenation of one permutation of all blocks per (seed, epoch).
-Global step s covers stream positions [c, c + world_size * micro_batch_size) with
-c = consumed_samples; rank r takes the r-th contiguous micro-batch of it. So the only state is
-the global `consumed_samples`: resuming with another world size (or micro-batch size) continues
-at the same stream position, nothing repeated or skipped. Batches may straddle an epoch boundary.
+The only state is the global `consumed_samples`: resuming with another world size (or micro-batch
+size, or number of DataLoader workers) continues at the same stream position.
 """
 from __future__ import annotations
 
@@ -19,10 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 from .collate import collate
 from .manifest import read_manifest
 from .masking import MaskingConfig, mask_sample
+from .sampling import StreamOrder, rank_batches
 from .shards import ShardReader
 from .vocab import VocabInfo
 
-__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "read_manifest", "epoch_permutation", "mask_and_collate"]
+__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "read_manifest", "mask_and_collate"]
 
 
 @dataclass
@@ -34,10 +32,6 @@ class DataConfig:
     max_source_length: int | None = None  # None: the block size of the build
     max_target_length: int | None = None
     prefetch_factor: int = 2  # batches prefetched per worker (num_workers > 0 only)
-
-
-def epoch_permutation(seed: int, epoch: int, num_blocks: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_blocks)
 
 
 class _BlockBatches(Dataset):
@@ -78,33 +72,6 @@ def _truncate(ids: np.ndarray, max_len: int, eos_id: int) -> np.ndarray:
     return ids if len(ids) <= max_len else np.append(ids[: max_len - 1], eos_id)
 
 
-class _RankKeys(torch.utils.data.Sampler):
-    """Infinite stream of this rank's batch keys, starting at global position `consumed`."""
-
-    def __init__(self, seed: int, num_blocks: int, consumed: int, rank: int, world_size: int, micro_batch_size: int) -> None:
-        self.seed, self.num_blocks, self.consumed = seed, num_blocks, consumed
-        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
-        self._epoch, self._perm = -1, None
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        step_start = self.consumed
-        while True:
-            first = step_start + self.rank * self.micro_batch_size
-            positions = np.arange(first, first + self.micro_batch_size)
-            epochs = positions // self.num_blocks
-            block_ids = np.empty_like(positions)
-            for epoch in np.unique(epochs):  # at most two: a batch may straddle an epoch boundary
-                here = epochs == epoch
-                block_ids[here] = self._permutation(int(epoch))[positions[here] % self.num_blocks]
-            yield np.stack([epochs, block_ids])
-            step_start += self.world_size * self.micro_batch_size
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # keep only the newest epoch's permutation in memory
-            self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.num_blocks)
-        return self._perm
-
-
 class PretrainLoader:
     """Iterates forever; `consumed_samples` counts samples of batches actually yielded (all ranks),
     so `state_dict()` taken after any batch resumes exactly at the next one, whatever num_workers."""
@@ -133,10 +100,14 @@ class PretrainLoader:
         return self.world_size * self.micro_batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        keys = _RankKeys(self.cfg.seed, self.num_blocks, self.consumed_samples, self.rank, self.world_size, self.micro_batch_size)
+        keys = rank_batches(StreamOrder(self.cfg.seed, self.num_blocks), self.consumed_samples, self.rank,
+                            self.world_size, self.micro_batch_size)
         workers = self.cfg.num_workers
+        # A private generator: creating the iterator must not draw from the global torch RNG,
+        # or a resumed run's dropout stream would differ from an uninterrupted one.
         loader = DataLoader(self.dataset, sampler=keys, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
         for batch in loader:
             self.consumed_samples += self.global_batch_size
             yield batch

@@ -7,9 +7,9 @@ from dataclasses import asdict
 
 import numpy as np
 
-from .loader import epoch_permutation
 from .manifest import read_manifest
 from .masking import PRESETS, MaskingConfig, mask_sample
+from .sampling import epoch_permutation
 from .shards import ShardReader
 from .vocab import VocabInfo
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, BartTokenizerFast, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers (and torch behind it) take seconds to import: only when a build runs
+    from transformers import PreTrainedTokenizerBase
 
 from .shards import file_sha256
 from .sources import DataError
@@ -24,6 +27,8 @@ SENTENCE_FINAL = ".!?"
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     """Train a GPT-2-style byte-level BPE; deterministic for the same texts in the same order."""
+    from transformers import BartTokenizerFast
+
     if vocab_size < 256 + len(SPECIALS) + 1:
         raise DataError(f"vocab_size must be >= {256 + len(SPECIALS) + 1} (bytes + specials + <mask>), got {vocab_size}")
     bpe = Tokenizer(models.BPE())
@@ -39,6 +44,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     check_layout(tok, str(path))
     return tok
