@@ -144,3 +144,13 @@ def test_bad_arguments(shards, tmp_path):
         build_pretrain_loader(DataConfig(shards), rank=2, world_size=2, micro_batch_size=MB)
     with pytest.raises(FileNotFoundError, match="manifest"):
         build_pretrain_loader(DataConfig(tmp_path), rank=0, world_size=1, micro_batch_size=MB)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(shards, workers):
+    """The trainer's dropout stream must not depend on when the data iterator was (re)created."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = build_pretrain_loader(DataConfig(shards, num_workers=workers), rank=0, world_size=1, micro_batch_size=MB)
+    _take(loader, 3)
+    assert torch.equal(before, torch.get_rng_state())
