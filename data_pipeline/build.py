@@ -220,8 +220,8 @@ examples:
     parser.add_argument("--out", type=Path, required=True, help="output folder (shards, manifest.json, tokenizer/)")
     parser.add_argument("--source", action="append", default=[], metavar="SPEC", help="a source (repeatable), see below")
     parser.add_argument("--demo", action="store_true", help="add the embedded demo corpus: " + ", ".join(DEMO_SOURCES))
-    parser.add_argument("--tokenizer", type=Path, help="local BART/GPT-2 byte-level BPE tokenizer folder (e.g. bart-base); "
-                                                       "default: train one on the sources")
+    parser.add_argument("--tokenizer", type=Path, help="local BART byte-level BPE tokenizer folder (e.g. bart-base; BART's special "
+                                                       "ids required); default: train one on the sources (an extra read pass)")
     parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of a trained tokenizer (default 8000)")
     parser.add_argument("--block-size", type=int, default=512, help="tokens per block incl. <s> and </s> (default 512)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 28, help="start a new shard after this many tokens")

@@ -178,6 +178,7 @@ def _text(path: Path, doc_sep: str, skips: Skips) -> Iterator[Document]:
 def _dataset_rows(data, name: str, text_field: str, skips: Skips) -> Iterator[Document]:
     if text_field not in data.column_names:
         raise DataError(f"{name}: no column {text_field!r} (columns: {data.column_names}); set @text_field=...")
+    data = data.select_columns([text_field])  # do not read the other columns (titles, urls, ...)
     for start in range(0, len(data), 1000):
         for offset, text in enumerate(data[start:start + 1000][text_field]):
             where = f"{name}[row {start + offset}]"
