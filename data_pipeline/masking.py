@@ -87,7 +87,10 @@ def _unit_lengths(content: np.ndarray, vocab: VocabInfo, whole_word: bool) -> np
     is_start = vocab.word_start[content]
     is_start[0] = True  # the block's first token starts a unit even without a leading space
     starts = np.flatnonzero(is_start)
-    return np.diff(np.append(starts, len(content)))
+    lengths = np.empty_like(starts)
+    lengths[:-1] = starts[1:] - starts[:-1]  # slicing, not np.diff: this runs per sample
+    lengths[-1] = len(content) - starts[-1]
+    return lengths
 
 
 def _sample_spans(rng: np.random.Generator, n: int, ratio: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +110,7 @@ def _sample_spans(rng: np.random.Generator, n: int, ratio: float, lam: float) ->
         draws.append(draw)
         total += int(draw.sum())
     lengths = np.concatenate(draws)
-    cum = np.cumsum(lengths)
+    cum = lengths.cumsum()
     k = int(np.searchsorted(cum, budget)) + 1
     lengths = lengths[:k]
     lengths[-1] -= cum[k - 1] - budget
@@ -116,7 +119,7 @@ def _sample_spans(rng: np.random.Generator, n: int, ratio: float, lam: float) ->
         lengths = np.append(lengths[:free], lengths[free:].sum())
         k = free + 1
     gaps = np.sort(rng.permutation(free + 1)[:k])
-    starts = gaps + np.cumsum(lengths) - lengths
+    starts = gaps + lengths.cumsum() - lengths
     return starts, lengths
 
 
@@ -124,7 +127,7 @@ def _runs_to_mask(n: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray
     delta = np.zeros(n + 1, dtype=np.int32)
     delta[starts] += 1
     delta[starts + lengths] -= 1
-    return np.cumsum(delta[:-1]) > 0
+    return delta[:-1].cumsum() > 0
 
 
 def _permute_sentences(rng: np.random.Generator, content: np.ndarray, vocab: VocabInfo) -> np.ndarray:
@@ -133,10 +136,11 @@ def _permute_sentences(rng: np.random.Generator, content: np.ndarray, vocab: Voc
     bounds = np.concatenate(([0], np.flatnonzero(is_end[:-1] & ~is_end[1:]) + 1, [len(content)]))
     if len(bounds) < 3:
         return content
-    starts, lengths = bounds[:-1], np.diff(bounds)
+    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
     order = rng.permutation(len(starts))
-    new_starts = np.cumsum(lengths[order]) - lengths[order]
-    gather = np.repeat(starts[order] - new_starts, lengths[order]) + np.arange(len(content))
+    lengths = lengths[order]
+    new_starts = lengths.cumsum() - lengths
+    gather = np.repeat(starts[order] - new_starts, lengths) + np.arange(len(content))
     return content[gather]
 
 
