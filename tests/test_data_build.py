@@ -153,3 +153,15 @@ def test_cli_build_and_stats(tmp_path):
     assert result["counts"]["samples"] == min(200, read_manifest(tmp_path / "out")["totals"]["blocks"])
     assert abs(result["encoder_mask_ratio"] - 0.3) < 0.03 and abs(result["decoder_mask_ratio"] - 0.5) < 0.03
     assert result["encoder_mean_span_length"] > 1 and result["decoder_mean_span_length"] > 1
+
+
+def test_parquet_and_arrow_files(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    first, second = make_docs(20, seed=7), make_docs(20, seed=8)
+    datasets.Dataset.from_dict({"text": first}).to_parquet(str(tmp_path / "part.parquet"))
+    datasets.Dataset.from_dict({"text": second}).save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    build_tiny(tmp_path / "out", [str(tmp_path / "part.parquet"), str(arrow)])
+    assert _decoded(tmp_path / "out") == first + second
