@@ -59,12 +59,18 @@ class _BlockBatches(Dataset):
 def mask_and_collate(blocks: list[np.ndarray], epochs: np.ndarray, indices: np.ndarray, masking: MaskingConfig,
                      vocab: VocabInfo, seed: int, max_source: int) -> dict[str, torch.Tensor]:
     """Noise each block (labels = the block itself) and pad everything into one batch."""
-    sources, decoder_masks = [], []
+    sources, decoder_masks, src_masked, src_total = [], [], [], []
     for block, epoch, index in zip(blocks, epochs.tolist(), indices.tolist()):
         sample = mask_sample(block, masking, vocab, seed=seed, epoch=epoch, index=index)
         sources.append(_truncate(sample.input_ids, max_source, vocab.eos_id))
         decoder_masks.append(sample.decoder_mask)
-    return collate(sources, blocks, decoder_masks, vocab.pad_id)
+        src_masked.append(int(sample.encoder_mask.sum()))
+        src_total.append(len(sample.encoder_mask))
+    batch = collate(sources, blocks, decoder_masks, vocab.pad_id)
+    # Per-sample encoder noise counts, so training can log the effective encoder mask ratio.
+    batch["n_src_masked"] = torch.tensor(src_masked, dtype=torch.float32)
+    batch["n_src"] = torch.tensor(src_total, dtype=torch.float32)
+    return batch
 
 
 def _truncate(ids: np.ndarray, max_len: int, eos_id: int) -> np.ndarray:
