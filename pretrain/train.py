@@ -100,6 +100,7 @@ def main(argv=None) -> dict:
         parser.error("--data.shards_dir is required (build shards with python -m data_pipeline.build)")
     rank, world, _ = init_distributed()
     manifest = read_manifest(cfg.data.shards_dir)
+    torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank and every run
     model = build_model(cfg.model, manifest["tokenizer"])
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, objective "
            f"{cfg.objective.preset} ({', '.join(cfg.objective.patterns())}), world size {world}")

@@ -1,0 +1,59 @@
+"""Helpers for end-to-end tests: tiny shards on generated text, multi-rank launches."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the a of river city north old new king music war river school island league film "
+         "north south east west team game song story house village station church road market "
+         "bridge castle garden forest mountain lake ship train plane paper letter court").split()
+
+
+def write_corpus(path: Path, docs: int = 240, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                         for _ in range(rng.randint(3, 10))]
+            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    return path
+
+
+def build_shards(tmp: Path, block_size: int = 64, vocab_size: int = 400) -> Path:
+    corpus = write_corpus(tmp / "corpus.jsonl")
+    out = tmp / "shards"
+    subprocess.run([sys.executable, "-m", "data_pipeline.build", "--source", str(corpus), "--out", str(out),
+                    "--block-size", str(block_size), "--vocab-size", str(vocab_size), "--workers", "1",
+                    "--no-progress"], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+def launch_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def torchrun(script: str, args: list[str], nproc: int = 2, check: bool = True,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(save_dir: Path) -> dict[int, dict]:
+    """step -> last logged record (a resumed run logs the re-run steps again)."""
+    rows = {}
+    with open(save_dir / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return rows

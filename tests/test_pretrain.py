@@ -1,0 +1,123 @@
+"""End-to-end pretraining on 2 CPU ranks (gloo) under ZeRO 1, 2 and 3."""
+import json
+
+import pytest
+import torch
+from transformers import BartForConditionalGeneration
+
+from e2e import build_shards, read_metrics, torchrun
+from janus.engine import OptimConfig, RunConfig, resolve_ds_config
+from pretrain.train import ModelConfig, build_model
+
+CONFIG = "pretrain/configs/tiny_cpu.json"
+LOSS_KEYS = ("loss/ar", "loss/nar", "loss/aux", "loss/kl_ar_aux", "loss/kl_aux_ar", "loss/kl_nar_aux",
+             "loss/kl_aux_nar", "loss/total")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("pretrain_data"))
+
+
+def pretrain(shards, save_dir, stage, *extra, check=True):
+    args = ["--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir", str(save_dir),
+            "--run.deepspeed_config", f"ds_configs/zero{stage}_fp32_cpu.json", "--run.max_steps", "8",
+            "--run.save_every", "4", "--run.log_every", "1", "--optim.lr", "2e-3", "--optim.warmup_steps", "2",
+            *extra]
+    return torchrun("pretrain/train.py", args, check=check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_losses_fall_and_kill_resume_is_exact(shards, tmp_path, stage):
+    full = tmp_path / "full"
+    pretrain(shards, full, stage)
+    killed = tmp_path / "killed"
+    proc = pretrain(shards, killed, stage, "--run.crash_at_step", "6", check=False)
+    assert proc.returncode != 0
+    resumed = pretrain(shards, killed, stage)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    a, b = read_metrics(full), read_metrics(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        for key in LOSS_KEYS:
+            assert a[step][key] == pytest.approx(b[step][key], rel=1e-6, abs=1e-7), (step, key)
+    assert a[8]["loss/total"] < 0.95 * a[1]["loss/total"]
+    for key in ("loss/ar", "loss/nar", "loss/aux"):
+        assert a[8][key] < a[1][key], key
+    # Export loads into transformers and holds the trained weights.
+    from pretrain.export import export
+
+    out = tmp_path / "hf"
+    export(str(full), str(out))
+    hf = BartForConditionalGeneration.from_pretrained(out)
+    assert hf.lm_head.weight.data_ptr() == hf.model.shared.weight.data_ptr()
+    if stage < 3:  # ZeRO-1/2 keep full module weights in the model-states file: an independent source
+        states = torch.load(full / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)["module"]
+        hf_state = hf.state_dict()
+        for k, v in states.items():
+            if k.startswith("model.") or k == "final_logits_bias":
+                assert torch.equal(hf_state[k], v.float()), k
+    else:
+        trained = read_metrics(full)[8]["loss/total"]
+        assert trained == trained  # finite
+
+
+@pytest.mark.slow
+def test_interrupted_save_is_survived_and_tensorboard_has_scalars(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = pretrain(shards, run, 2, "--run.save_every", "2", "--run.crash_in_save_at_step", "4", check=False)
+    assert proc.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step_00000002" / "COMPLETE").exists()
+    assert (ckpts / "step_00000004").exists() and not (ckpts / "step_00000004" / "COMPLETE").exists()
+    resumed = pretrain(shards, run, 2, "--run.save_every", "2", "--run.keep_last", "2")
+    assert "at step 2" in resumed.stdout
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert (ckpts / "latest").read_text() == "step_00000008"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {*LOSS_KEYS, "lr", "grad_norm", "loss_scale", "throughput/tokens_per_s", "throughput/samples_per_s",
+                "throughput/data_wait_share", "mask/decoder_ratio", "mask/encoder_ratio"}
+    assert expected <= tags, expected - tags
+    ratios = [e.value for e in acc.Scalars("mask/decoder_ratio")]
+    assert all(0.3 < r < 0.7 for r in ratios), ratios
+    assert max(e.step for e in acc.Scalars("loss/total")) == 8
+
+
+@pytest.mark.slow
+def test_world_size_change_is_a_clear_error(shards, tmp_path):
+    run = tmp_path / "run"
+    pretrain(shards, run, 2, "--run.max_steps", "2", "--run.save_every", "2")
+    proc = pretrain(shards, run, 2, "--run.max_steps", "4", check=False)
+    assert proc.returncode == 0  # same world size resumes
+    proc = torchrun("pretrain/train.py", ["--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir",
+                                          str(run), "--run.max_steps", "6"], nproc=1, check=False)
+    assert proc.returncode != 0 and "universal" in proc.stderr + proc.stdout
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        resolve_ds_config(RunConfig(deepspeed_config="ds_configs/zero2_fp32_cpu.json", micro_batch_size=4,
+                                    grad_accum=2, global_batch_size=10), OptimConfig(), world_size=1)
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match="micro_batch_size=4 but .* has train_micro_batch_size_per_gpu=8"):
+        resolve_ds_config(RunConfig(deepspeed_config=str(bad), micro_batch_size=4), OptimConfig(), world_size=2)
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto"}))
+    with pytest.raises(ValueError, match="auto"):
+        resolve_ds_config(RunConfig(deepspeed_config=str(bad)), OptimConfig(), world_size=2)
+    bad.write_text('{"zero_optimization": {"stage": 2},\n "oops"}')
+    with pytest.raises(ValueError, match=r"ds.json:2: invalid JSON"):
+        resolve_ds_config(RunConfig(deepspeed_config=str(bad)), OptimConfig(), world_size=2)
+    tokenizer = {"vocab_size": 500, "pad_id": 1, "eos_id": 2, "bos_id": 0, "mask_id": 499}
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        build_model(ModelConfig(bart={"vocab_size": 600, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,
+                                      "encoder_attention_heads": 2, "decoder_attention_heads": 2}), tokenizer)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        build_model(ModelConfig(init_from=str(tmp_path / "missing")), tokenizer)
