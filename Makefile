@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m janus.demo
+	$(BIN)/python demo.py
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -193,6 +194,16 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
         with open(os.path.join(run.save_dir, "config.json"), "w") as f:
             json.dump(config_dump, f, indent=2, default=str)
 
+    # SIGUSR1 (Slurm's --signal=USR1@T before walltime) or SIGTERM: save at the next step
+    # boundary and exit cleanly, so a requeued job resumes from there.
+    stop_signal = {"received": 0}
+
+    def request_stop(signum, frame):
+        stop_signal["received"] = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
     tracker = _Tracker(run)
     batches: Iterable = iter(loader)
     sums: dict[str, torch.Tensor] = {}
@@ -250,15 +261,20 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
                 out["mask/encoder_ratio"] = n_src_masked / n_src
             tracker.log(step, out, run.max_steps)
             sums, window_start, data_wait, window_steps = {}, time.perf_counter(), 0.0, 0
-        if step % run.save_every == 0 or step == run.max_steps:
+        stop = torch.tensor([float(stop_signal["received"])], device=dev)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if step % run.save_every == 0 or step == run.max_steps or stop.item():
             client = {"step": step, "nonfinite": nonfinite, "loader": loader.state_dict(),
                       "summary": {"world_size": world}}
             checkpoint.save(engine, root, step, client, model_meta, run.keep_last,
                             fail_midway=run.crash_in_save_at_step == step)
         if run.crash_at_step == step:
             os._exit(17)  # test hook: a kill right after this step
+        if stop.item():
+            print0(f"signal {int(stop.item())} received: checkpoint saved at step {step}, stopping")
+            break
     tracker.close()
-    summary = {"steps": step, "nonfinite_skipped": nonfinite, "checkpoint": checkpoint.latest_complete(root),
+    summary = {"steps": step, "finished": step >= run.max_steps, "nonfinite_skipped": nonfinite, "checkpoint": checkpoint.latest_complete(root),
                "save_dir": run.save_dir, "run": asdict(run)}
     if is_rank0():
         with open(os.path.join(run.save_dir, "train_summary.json"), "w") as f:
