@@ -121,3 +121,39 @@ def test_config_errors_are_clear(tmp_path):
                                       "encoder_attention_heads": 2, "decoder_attention_heads": 2}), tokenizer)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         build_model(ModelConfig(init_from=str(tmp_path / "missing")), tokenizer)
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_and_stops_cleanly(shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from e2e import REPO, launch_env
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "pretrain/train.py",
+           "--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir", str(run),
+           "--run.max_steps", "100000", "--run.save_every", "100000", "--run.log_every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "metrics.jsonl").exists() or len(
+                (run / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(int(pid), signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "received: checkpoint saved at step" in stdout
+    step = int(stdout.split("checkpoint saved at step ")[1].split(",")[0])
+    assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists()
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["finished"] is False and summary["steps"] == step
