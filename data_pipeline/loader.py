@@ -20,7 +20,7 @@ from .sampling import StreamOrder, rank_batches
 from .shards import ShardReader
 from .vocab import VocabInfo
 
-__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "read_manifest", "mask_and_collate"]
+__all__ = ["DataConfig", "ResumableLoader", "PretrainLoader", "build_pretrain_loader", "read_manifest", "mask_and_collate"]
 
 
 @dataclass
@@ -78,59 +78,76 @@ def _truncate(ids: np.ndarray, max_len: int, eos_id: int) -> np.ndarray:
     return ids if len(ids) <= max_len else np.append(ids[: max_len - 1], eos_id)
 
 
-class PretrainLoader:
-    """Iterates forever; `consumed_samples` counts samples of batches actually yielded (all ranks),
-    so `state_dict()` taken after any batch resumes exactly at the next one, whatever num_workers."""
+class ResumableLoader:
+    """Iterates forever over batches of a map-style ``dataset`` whose item is a batch key
+    (int64 [2, B] of epoch, item id; see sampling.py). ``consumed_samples`` counts samples of
+    batches actually yielded (all ranks), so ``state_dict()`` taken after any batch resumes
+    exactly at the next one, whatever num_workers. Shared by pretraining and finetuning."""
 
-    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int) -> None:
+    def __init__(self, dataset: Dataset, *, num_items: int, seed: int, fingerprint: str, rank: int,
+                 world_size: int, micro_batch_size: int, num_workers: int = 0, prefetch_factor: int = 2) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.cfg, self.rank, self.world_size, self.micro_batch_size = cfg, rank, world_size, micro_batch_size
-        self.manifest = read_manifest(cfg.shards_dir)
-        self.dataset = _BlockBatches(cfg, self.manifest)
-        self.vocab = self.dataset.vocab
-        self.num_blocks = len(self.dataset)
-        if self.num_blocks == 0:
-            raise ValueError(f"{cfg.shards_dir}: the shards hold no blocks")
+        if num_items == 0:
+            raise ValueError("the dataset holds no samples")
+        self.dataset, self.num_items, self.seed, self.fingerprint = dataset, num_items, seed, fingerprint
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.consumed_samples = 0
 
     @property
     def epoch(self) -> int:
         """Epoch of the next sample."""
-        return self.consumed_samples // self.num_blocks
+        return self.consumed_samples // self.num_items
 
     @property
     def global_batch_size(self) -> int:
         return self.world_size * self.micro_batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        keys = rank_batches(StreamOrder(self.cfg.seed, self.num_blocks), self.consumed_samples, self.rank,
+        keys = rank_batches(StreamOrder(self.seed, self.num_items), self.consumed_samples, self.rank,
                             self.world_size, self.micro_batch_size)
-        workers = self.cfg.num_workers
+        workers = self.num_workers
         # A private generator: creating the iterator must not draw from the global torch RNG,
         # or a resumed run's dropout stream would differ from an uninterrupted one.
         loader = DataLoader(self.dataset, sampler=keys, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))
+                            prefetch_factor=self.prefetch_factor if workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.consumed_samples += self.global_batch_size
             yield batch
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.cfg.seed,
-                "data_fingerprint": self.manifest["fingerprint"], "world_size": self.world_size,
-                "micro_batch_size": self.micro_batch_size}
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed, "data_fingerprint": self.fingerprint,
+                "world_size": self.world_size, "micro_batch_size": self.micro_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state["consumed_samples"]`; takes effect at the next `iter()`. World size and
         micro-batch size may differ from the saved ones; seed and data must not."""
-        if state["seed"] != self.cfg.seed:
-            raise ValueError(f"state was saved with seed {state['seed']}, this loader uses {self.cfg.seed}")
-        if state["data_fingerprint"] != self.manifest["fingerprint"]:
-            raise ValueError("state was saved on different shards (manifest fingerprint differs)")
+        if state["seed"] != self.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, this loader uses {self.seed}")
+        if state["data_fingerprint"] != self.fingerprint:
+            raise ValueError("state was saved on different data (fingerprint differs)")
         self.consumed_samples = int(state["consumed_samples"])
+
+
+class PretrainLoader(ResumableLoader):
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int) -> None:
+        self.cfg = cfg
+        self.manifest = read_manifest(cfg.shards_dir)
+        dataset = _BlockBatches(cfg, self.manifest)
+        self.vocab = dataset.vocab
+        if len(dataset) == 0:
+            raise ValueError(f"{cfg.shards_dir}: the shards hold no blocks")
+        super().__init__(dataset, num_items=len(dataset), seed=cfg.seed, fingerprint=self.manifest["fingerprint"],
+                         rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                         num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_items
 
 
 def build_pretrain_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int) -> PretrainLoader:
