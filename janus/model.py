@@ -185,16 +185,22 @@ class JanusBart(nn.Module):
         h = dec.layernorm_embedding(dec.embed_tokens(tokens) + pos)
         return F.dropout(h, p=self.config.dropout, training=self.training)
 
-    def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor],
+    def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor | None, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
-               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               past: tuple[torch.Tensor, torch.Tensor] | None = None, kv_len: int | None = None,
+               new_kv: list | None = None) -> torch.Tensor:
         """One post-LN BART decoder layer. ``rows`` limits the computed rows (keys/values
-        still come from every token); ``past`` prepends cached self-attention keys/values."""
+        still come from every token); ``kv_len`` takes keys/values from the first ``kv_len``
+        tokens only (the content stream during incremental decoding); ``past`` prepends cached
+        self-attention keys/values, and the new ones are appended to ``new_kv`` when given."""
         H = self.config.decoder_attention_heads
         drop, attn_drop = self.config.dropout if self.training else 0.0, self.config.attention_dropout if self.training else 0.0
         sa = layer.self_attn
         x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        k, v = _heads(sa.k_proj(h), H), _heads(sa.v_proj(h), H)
+        src = h if kv_len is None else h[:, :kv_len]
+        k, v = _heads(sa.k_proj(src), H), _heads(sa.v_proj(src), H)
+        if new_kv is not None:
+            new_kv.append((k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         a = F.scaled_dot_product_attention(_heads(sa.q_proj(x), H), k, v, attn_mask=self_mask,
@@ -216,17 +222,24 @@ class JanusBart(nn.Module):
                     attention_mask: torch.Tensor) -> torch.Tensor:
         """All decoder layers over the streams; returns last-layer states at ``out_rows``."""
         h = self.embed_decoder(streams.tokens, streams.positions)
-        cross = self.cross_kv(encoder_out)
-        cross_mask = attention_mask.bool()[:, None, None, :]
-        if cross_mask.shape[0] != h.shape[0]:
-            cross_mask = cross_mask.repeat(h.shape[0] // cross_mask.shape[0], 1, 1, 1)
-        layers = self.model.decoder.layers
         row_mask = streams.self_mask.gather(
             2, streams.out_rows[:, None, :, None].expand(-1, 1, -1, streams.self_mask.shape[-1]))
+        return self.decoder_layers(h, streams.self_mask, self.cross_kv(encoder_out), self.cross_mask(attention_mask),
+                                   last_rows=streams.out_rows, last_mask=row_mask)
+
+    @staticmethod
+    def cross_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask.bool()[:, None, None, :]
+
+    def decoder_layers(self, h: torch.Tensor, self_mask: torch.Tensor | None, cross: list, cross_mask: torch.Tensor,
+                       last_rows: torch.Tensor | None = None, last_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder stack; the last layer may compute only ``last_rows`` (with ``last_mask``)."""
+        layers = self.model.decoder.layers
+        if cross_mask.shape[0] != h.shape[0]:  # both pattern halves share one encoder pass
+            cross_mask = cross_mask.repeat(h.shape[0] // cross_mask.shape[0], 1, 1, 1)
         for i, layer in enumerate(layers):
-            last = i == len(layers) - 1
-            args = (layer, h, row_mask if last else streams.self_mask, cross[i], cross_mask,
-                    streams.out_rows if last else None)
+            last = i == len(layers) - 1 and last_rows is not None
+            args = (layer, h, last_mask if last else self_mask, cross[i], cross_mask, last_rows if last else None)
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(self._layer, *args, use_reentrant=False)
             else:

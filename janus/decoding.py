@@ -1,0 +1,224 @@
+"""Decoding with a JanusBart: AR beam search on the query stream, and NAR mask-predict.
+
+AR: each step feeds two tokens per hypothesis: the newest content token (``start`` at
+position 0, then the previous output ``y_{t-1}`` at position ``t``) and a query ``<mask>`` at
+position ``t + 1`` that predicts ``y_t``. Both attend the cached content keys/values of every
+layer (queries are never keys), so incremental decoding computes exactly what the training-time
+AR pattern computes on the same prefix. The cross-attention keys/values of the encoder output
+are computed once per source and reused by every step and beam.
+
+NAR mask-predict: ``iterations = T`` means **T refinement passes after the first, T + 1
+decoder passes in all** (T = 0: a single parallel pass; fairseq's ``max_iter`` counts the
+same way). The first pass predicts every slot of an all-``<mask>`` target; after pass ``t``
+of ``P = T + 1`` the ``floor(N * (P - t) / P)`` lowest-probability tokens are re-masked and
+only those slots are re-predicted (the others keep token and probability). Every length
+candidate of every source is decoded in one batch; the candidate with the highest mean token
+log-probability wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from janus.model import JanusBart
+
+
+@dataclass
+class BeamConfig:
+    beam: int = 5
+    max_len: int = 64  # generated tokens, EOS included
+    min_len: int = 1
+    length_penalty: float = 1.0  # score = sum log p / len ** length_penalty
+    no_repeat_ngram: int = 0
+
+
+@dataclass
+class MaskPredictConfig:
+    iterations: int = 0  # refinement passes after the first (T); T + 1 passes in all
+    length_candidates: int = 5
+    length_offsets: bool = False  # fairseq variant: argmax length + offsets instead of top-k lengths
+    max_len: int = 64
+    prune_after: int = 0  # > 0: after this many passes keep only each source's best candidate
+
+
+def _expand(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.repeat_interleave(n, dim=0)
+
+
+class ARStepper:
+    """Incremental AR scoring: ``step(prev_tokens)`` -> log-probs of the next target token."""
+
+    def __init__(self, model: JanusBart, encoder_out: torch.Tensor, attention_mask: torch.Tensor, copies: int = 1):
+        self.model = model
+        self.cross = [(_expand(k, copies), _expand(v, copies)) for k, v in model.cross_kv(encoder_out)]
+        self.cross_mask = _expand(model.cross_mask(attention_mask), copies)
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.t = 0
+
+    def step(self, prev_tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        R = prev_tokens.shape[0]
+        tokens = torch.stack([prev_tokens, torch.full_like(prev_tokens, m.mask_token_id)], 1)
+        positions = torch.tensor([self.t, self.t + 1], device=tokens.device).expand(R, 2)
+        h = m.embed_decoder(tokens, positions)
+        new_cache = []
+        for i, layer in enumerate(m.model.decoder.layers):
+            kv: list = []
+            past = None if self.cache is None else self.cache[i]
+            h = m._layer(layer, h, None, self.cross[i], self.cross_mask, past=past, kv_len=1, new_kv=kv)
+            k, v = kv[0]
+            new_cache.append((k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)))
+        self.cache = new_cache
+        self.t += 1
+        return torch.log_softmax(m.logits(h[:, 1]).float(), dim=-1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+
+
+def _never_special(logp: torch.Tensor, model: JanusBart) -> torch.Tensor:
+    """Generated text never contains <pad> or <mask>."""
+    logp[:, [model.config.pad_token_id, model.mask_token_id]] = float("-inf")
+    return logp
+
+
+def _ban_repeated_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """-inf for every token that would complete an n-gram already present in the hypothesis."""
+    R, t = tokens.shape
+    if n <= 0 or t < n - 1 or t == 0:
+        return logp
+    if n == 1:
+        return logp.scatter(1, tokens, float("-inf"))
+    if t < n:  # no complete n-gram yet
+        return logp
+    grams = tokens.unfold(1, n, 1)  # [R, t - n + 1, n]
+    suffix = tokens[:, t - n + 1:]  # the last n - 1 tokens
+    hit = (grams[:, :, :-1] == suffix[:, None, :]).all(-1)  # [R, G]
+    banned = torch.where(hit, grams[:, :, -1], logp.shape[1])  # out-of-range id where no hit
+    padded = torch.cat([logp, logp.new_zeros(R, 1)], 1).scatter(1, banned, float("-inf"))
+    return padded[:, :-1]
+
+
+@torch.no_grad()
+def beam_search(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cfg: BeamConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best hypothesis per source: (tokens [B, max_len] padded with pad, normalised scores [B])."""
+    B, K, V = input_ids.shape[0], cfg.beam, model.config.vocab_size
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    dev = input_ids.device
+    stepper = ARStepper(model, model.encode(input_ids, attention_mask), attention_mask, copies=K)
+    scores = torch.zeros(B, K, device=dev)
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    tokens = torch.empty(B * K, 0, dtype=torch.long, device=dev)
+    prev = torch.full((B * K,), model.config.decoder_start_token_id, dtype=torch.long, device=dev)
+    fin_scores = torch.full((B, K), float("-inf"), device=dev)
+    fin_tokens = torch.full((B, K, cfg.max_len), pad, dtype=torch.long, device=dev)
+    batch_offset = (torch.arange(B, device=dev) * K)[:, None]
+    for t in range(cfg.max_len):
+        logp = _never_special(stepper.step(prev), model)
+        if t + 1 < cfg.min_len:
+            logp[:, eos] = float("-inf")
+        if t == cfg.max_len - 1:  # the last slot can only close the hypothesis
+            logp = torch.full_like(logp, float("-inf")).index_fill_(1, torch.tensor([eos], device=dev), 0.0) + logp
+        logp = _ban_repeated_ngrams(logp, tokens, cfg.no_repeat_ngram)
+        cand = (scores.view(B * K, 1) + logp).view(B, K * V)
+        top_scores, top_idx = cand.topk(2 * K, dim=1)
+        beam_idx, tok = top_idx // V, top_idx % V
+        prefix = tokens.view(B, K, t).gather(1, beam_idx[..., None].expand(-1, -1, t))
+        # Hypotheses closed by EOS among the best K candidates join the finished pool.
+        done = torch.isfinite(fin_scores[:, -1:])  # sources that already have K finished hypotheses
+        is_eos = (tok == eos) & (torch.arange(2 * K, device=dev) < K) & torch.isfinite(top_scores) & ~done
+        normed = torch.where(is_eos, top_scores / float(t + 1) ** cfg.length_penalty, float("-inf"))
+        seqs = torch.cat([prefix, tok[..., None]], 2)
+        seqs = torch.nn.functional.pad(seqs, (0, cfg.max_len - t - 1), value=pad)
+        pool_scores = torch.cat([fin_scores, normed], 1)
+        pool_tokens = torch.cat([fin_tokens, seqs], 1)
+        fin_scores, keep = pool_scores.topk(K, dim=1)
+        fin_tokens = pool_tokens.gather(1, keep[..., None].expand(-1, -1, cfg.max_len))
+        # The best K open candidates continue.
+        open_scores = torch.where(tok == eos, float("-inf"), top_scores)
+        scores, sel = open_scores.topk(K, dim=1)
+        chosen_beam, prev = beam_idx.gather(1, sel), tok.gather(1, sel).reshape(-1)
+        tokens = torch.cat([prefix.gather(1, sel[..., None].expand(-1, -1, t)), prev.view(B, K, 1)], 2).view(B * K, -1)
+        stepper.reorder((batch_offset + chosen_beam).reshape(-1))
+        if bool(torch.isfinite(fin_scores[:, -1]).all()):  # every source has K finished hypotheses
+            break
+    return fin_tokens[:, 0], fin_scores[:, 0]
+
+
+def _bidirectional_mask(valid: torch.Tensor) -> torch.Tensor:
+    L = valid.shape[1]
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return (valid[:, None, :] | (~valid[:, :, None] & eye)).unsqueeze(1)
+
+
+@torch.no_grad()
+def length_candidates(model: JanusBart, encoder_out: torch.Tensor, attention_mask: torch.Tensor,
+                      cfg: MaskPredictConfig) -> torch.Tensor:
+    """[B, C] candidate target lengths (>= 2: <s> and </s>) from the length head."""
+    logits = model.length_logits(encoder_out, attention_mask).float()
+    logits[:, :2] = float("-inf")
+    logits[:, cfg.max_len + 1:] = float("-inf")
+    C = cfg.length_candidates
+    if cfg.length_offsets:
+        best = logits.argmax(-1, keepdim=True)
+        offsets = torch.arange(C, device=best.device) - (C - 1) // 2
+        return (best + offsets).clamp(2, cfg.max_len)
+    return logits.topk(C, dim=-1).indices
+
+
+def remask_count(lengths: torch.Tensor, p: int, passes: int) -> torch.Tensor:
+    """Tokens re-masked after pass ``p`` (0-based) of ``passes``: floor(N * (P - t) / P), t = p + 1."""
+    return (lengths * (passes - p - 1)) // passes
+
+
+@torch.no_grad()
+def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 cfg: MaskPredictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, L] padded with pad, mean log-prob [B]) of each source's best candidate."""
+    mask_id, pad = model.mask_token_id, model.config.pad_token_id
+    enc = model.encode(input_ids, attention_mask)
+    lengths = length_candidates(model, enc, attention_mask, cfg)  # [B, C]
+    B, C = lengths.shape
+    lengths = lengths.reshape(-1)
+    L = int(lengths.max())
+    dev = input_ids.device
+    cross = [(_expand(k, C), _expand(v, C)) for k, v in model.cross_kv(enc)]
+    cross_mask = _expand(model.cross_mask(attention_mask), C)
+    rows = torch.arange(B * C, device=dev)  # which candidates are still decoded
+    valid = torch.arange(L, device=dev) < lengths[:, None]
+    tokens = torch.where(valid, mask_id, pad)
+    logp = torch.zeros(B * C, L, device=dev)
+    masked = valid.clone()
+    positions = (torch.arange(L, device=dev) + 1).expand(B * C, L)
+    passes = cfg.iterations + 1
+    for p in range(passes):
+        h = model.embed_decoder(tokens[rows], positions[rows])
+        h = model.decoder_layers(h, _bidirectional_mask(valid[rows]), [(k[rows], v[rows]) for k, v in cross],
+                                 cross_mask[rows])
+        m = masked[rows]
+        best_lp, best_tok = _never_special(torch.log_softmax(model.logits(h[m]).float(), -1), model).max(-1)
+        sub_tok, sub_lp = tokens[rows], logp[rows]
+        sub_tok[m], sub_lp[m] = best_tok, best_lp
+        tokens[rows], logp[rows] = sub_tok, sub_lp
+        if p == passes - 1:
+            break
+        if cfg.prune_after and p + 1 == cfg.prune_after and C > 1:
+            mean = (logp * valid).sum(1) / lengths
+            keep = mean.view(B, C).argmax(1) + torch.arange(B, device=dev) * C
+            rows = keep
+        n = remask_count(lengths[rows], p, passes)
+        key = logp[rows].masked_fill(~valid[rows], float("inf"))
+        remask = key.argsort(1).argsort(1) < n[:, None]
+        masked = torch.zeros_like(masked)
+        masked[rows] = remask
+        tokens[rows] = torch.where(remask, mask_id, tokens[rows])
+    mean = ((logp * valid).sum(1) / lengths).view(B, C)
+    if cfg.prune_after and C > 1 and cfg.prune_after < passes:
+        alive = torch.zeros(B * C, dtype=torch.bool, device=dev)
+        alive[rows] = True
+        mean = mean.masked_fill(~alive.view(B, C), float("-inf"))
+    best = mean.argmax(1)
+    pick = best + torch.arange(B, device=dev) * C
+    return tokens[pick], mean.gather(1, best[:, None]).squeeze(1)
