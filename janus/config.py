@@ -84,7 +84,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"{doc} (default: {default!r})".strip())
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, defaults_fn=None) -> T:
+    """Build ``cls`` from --config and flags. ``defaults_fn(values) -> dict`` may supply
+    defaults that depend on what the user set (e.g. per-mode learning rates); the user's
+    values win over them."""
     values: dict = {}
     if args.config:
         with open(args.config) as fh:
@@ -106,6 +116,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    if defaults_fn is not None:
+        values = _merge(defaults_fn(values), values)
     return _build(cls, values, args.config or "config")
 
 

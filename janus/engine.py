@@ -52,6 +52,7 @@ class RunConfig:
     keep_last: int = field(default=3, metadata={"help": "complete checkpoints kept (0 = all)"})
     resume: str = field(default="auto", metadata={"help": "auto (latest complete in save_dir) | none | a tag"})
     log_every: int = 10
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0 = only at the end)"})
     tensorboard: bool = True
     seed: int = 1234
     max_nonfinite: int = field(default=20, metadata={"help": "stop after this many skipped non-finite steps"})
@@ -120,6 +121,7 @@ class _Tracker:
     def __init__(self, run: RunConfig):
         self.writer = None
         self.jsonl = None
+        self.save_dir = run.save_dir
         if is_rank0():
             os.makedirs(run.save_dir, exist_ok=True)
             self.jsonl = open(os.path.join(run.save_dir, "metrics.jsonl"), "a")
@@ -140,6 +142,17 @@ class _Tracker:
         print0(f"step {step}/{max_steps}  {losses}  lr {scalars['lr']:.2e}  gnorm {scalars['grad_norm']:.2f}  "
                f"{scalars['throughput/tokens_per_s']:.0f} tok/s  data {100 * scalars['throughput/data_wait_share']:.0f}%")
 
+    def log_eval(self, step: int, results: dict[str, float]) -> None:
+        if not is_rank0():
+            return
+        for k, v in results.items():
+            if self.writer is not None and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"eval/{k}", v, step)
+        with open(os.path.join(self.save_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **results}) + "\n")
+        print0(f"eval at step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in results.items()
+                                                   if isinstance(v, (int, float))))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -148,9 +161,11 @@ class _Tracker:
 
 
 def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, loss_fn: Callable,
-          model_meta: dict, config_dump: dict) -> dict:
+          model_meta: dict, config_dump: dict, evaluate: Callable[[torch.nn.Module, int], dict] | None = None) -> dict:
     """Run the loop. ``loader`` iterates batches (dicts of tensors) forever and has
     ``state_dict``/``load_state_dict``; ``loss_fn(engine, batch) -> (loss, {name: scalar tensor})``.
+    ``evaluate(module, step) -> {name: float}`` (collective: every rank calls it) runs every
+    ``run.eval_every`` steps and at the end; its numbers go to TensorBoard under ``eval/``.
     Returns a summary dict (also written to ``<save_dir>/train_summary.json``)."""
     import deepspeed
 
@@ -261,6 +276,11 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
                 out["mask/encoder_ratio"] = n_src_masked / n_src
             tracker.log(step, out, run.max_steps)
             sums, window_start, data_wait, window_steps = {}, time.perf_counter(), 0.0, 0
+        if evaluate is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.max_steps):
+            engine.eval()
+            results = evaluate(engine.module, step)
+            engine.train()
+            tracker.log_eval(step, results)
         stop = torch.tensor([float(stop_signal["received"])], device=dev)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         if step % run.save_every == 0 or step == run.max_steps or stop.item():

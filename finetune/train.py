@@ -1,0 +1,229 @@
+"""AR or NAR finetuning of BART-JANUS (or any HF BART) on a GLGE-format task with DeepSpeed.
+
+    torchrun --nproc_per_node 8 finetune/train.py --task xsum --mode nar \\
+        --model.init_from runs/bart-janus --data.dir /data/glge/xsum --run.save_dir runs/xsum-nar
+    deepspeed --num_gpus 8 finetune/train.py ...      |      sbatch slurm/finetune.sh
+
+AR mode trains the JANUS AR pattern (query stream) with label-smoothed cross-entropy;
+NAR mode trains CMLM on the NAR pattern (mask-predict masking: a uniform number of masked
+target tokens) plus a new, randomly initialised length head (weight ``objective.length``).
+Mode defaults follow the paper (AR: lr 3e-5, warmup 200, 10 epochs; NAR: lr 1e-4, warmup
+1000, 50 epochs; label smoothing 0.1); any flag overrides them. The dev set is decoded and
+scored with the task metric every ``--run.eval_every`` steps; the best model is exported
+to ``<save_dir>/best`` (an HF folder with tokenizer, loadable by ``finetune.generate``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from data_pipeline.loader import ResumableLoader
+from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
+from janus.config import add_config_arguments, config_from_args, to_dict
+from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict
+from janus.distributed import device, init_distributed, is_rank0, print0
+from janus.engine import OptimConfig, RunConfig, train
+from janus.metrics import evaluate as score_task
+from janus.model import JanusBart
+from janus.objectives import PRESETS, ObjectiveConfig
+
+MODE_DEFAULTS = {
+    "ar": {"optim": {"lr": 3e-5, "warmup_steps": 200}, "epochs": 10.0, "objective": "ar"},
+    "nar": {"optim": {"lr": 1e-4, "warmup_steps": 1000}, "epochs": 50.0, "objective": "cmlm"},
+}
+# Label smoothing 0.1 in both modes is ObjectiveConfig's default.
+
+
+@dataclass
+class FinetuneModelConfig:
+    init_from: str = field(default="", metadata={"help": "BART-JANUS export or any local HF BART folder"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: init_from)"})
+    dropout: float | None = None
+
+
+@dataclass
+class FinetuneDataConfig:
+    dir: str = field(default="", metadata={"help": "folder with {train,dev,test}.{src,tgt}"})
+    max_source_length: int = 512
+    max_target_length: int | None = field(default=None, metadata={"help": "default: the task's (64/64/32 ...)"})
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    samples: int = field(default=200, metadata={"help": "dev samples decoded per evaluation (0 = all)"})
+    batch_size: int = 16
+    beam: int = 5
+    iterations: int = field(default=4, metadata={"help": "mask-predict refinement passes for NAR validation"})
+    length_candidates: int = 5
+    meteor: bool = field(default=False, metadata={"help": "METEOR (a JVM run) in validation scores"})
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = field(default="xsum", metadata={"help": "xsum|squadqg|personachat|cnndm|gigaword|msnews|msqg|coqa"})
+    mode: str = field(default="ar", metadata={"help": "ar | nar (sets the paper's defaults for optim/objective)"})
+    epochs: float | None = field(default=None, metadata={"help": "used when run.max_steps is 0 (default: mode's)"})
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(max_steps=0, save_dir="runs/finetune"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.mode not in MODE_DEFAULTS:
+            raise ValueError(f"--mode must be ar or nar, got {self.mode!r}")
+        if self.task not in TASK_MAX_TARGET:
+            raise ValueError(f"--task {self.task!r}: choose from {sorted(TASK_MAX_TARGET)}")
+        if self.epochs is None:
+            self.epochs = MODE_DEFAULTS[self.mode]["epochs"]
+        if self.data.max_target_length is None:
+            self.data.max_target_length = TASK_MAX_TARGET[self.task]
+
+
+def mode_defaults(values: dict) -> dict:
+    """The paper's per-mode settings, under whatever the user set explicitly."""
+    d = MODE_DEFAULTS[values.get("mode", "ar")] if values.get("mode", "ar") in MODE_DEFAULTS else MODE_DEFAULTS["ar"]
+    preset = values.get("objective", {}).get("preset", d["objective"])
+    return {"optim": dict(d["optim"]), "objective": {**PRESETS.get(preset, {}), "preset": preset}}
+
+
+def decode(model: JanusBart, tokenizer, sources: list[str], cfg: FinetuneConfig, mode: str, batch_size: int,
+           beam: BeamConfig, nar: MaskPredictConfig, show_progress: bool = False) -> list[str]:
+    """Detokenised outputs for ``sources`` (batched, sorted by length for less padding)."""
+    from tqdm import tqdm
+
+    dev = next(model.parameters()).device
+    enc = tokenizer(sources, add_special_tokens=True, truncation=True, max_length=cfg.data.max_source_length)["input_ids"]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    outputs: list[str] = [""] * len(enc)
+    for start in tqdm(range(0, len(order), batch_size), desc="decoding", disable=not show_progress):
+        idx = order[start:start + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i])] = torch.tensor(enc[i])
+        am = ids.ne(tokenizer.pad_token_id).long()
+        ids, am = ids.to(dev), am.to(dev)
+        if mode == "ar":
+            tokens, _ = beam_search(model, ids, am, beam)
+        else:
+            tokens, _ = mask_predict(model, ids, am, nar)
+        for r, text in enumerate(tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True,
+                                                        clean_up_tokenization_spaces=False)):
+            outputs[idx[r]] = text.strip()
+    return outputs
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, FinetuneConfig)
+    cfg = config_from_args(FinetuneConfig, parser.parse_args(argv), defaults_fn=mode_defaults)
+    if not cfg.model.init_from or not cfg.data.dir:
+        parser.error("--model.init_from and --data.dir are required")
+
+    rank, world, _ = init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init_from)
+    nar = cfg.mode == "nar"
+    max_tgt = cfg.data.max_target_length
+    torch.manual_seed(cfg.run.seed)  # the new length head starts identical on every rank
+    model = JanusBart.from_bart(cfg.model.init_from, mask_token_id=tokenizer.mask_token_id,
+                                length_classes=max_tgt + 1 if nar else 0)
+    if nar and model.length_classes != max_tgt + 1:
+        raise ValueError(f"{cfg.model.init_from} has a length head over {model.length_classes} classes, "
+                         f"this run needs {max_tgt + 1} (max_target_length {max_tgt})")
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, model vocabulary only {model.config.vocab_size}")
+    if cfg.model.dropout is not None:
+        model.config.dropout = cfg.model.dropout
+
+    src, tgt = read_split(cfg.data.dir, "train")
+    src_tok = tokenize(tokenizer, src, cfg.data.max_source_length, "tokenising train.src")
+    tgt_tok = tokenize(tokenizer, tgt, max_tgt, "tokenising train.tgt")
+    print0(f"train: {len(src)} pairs; truncated {src_tok.truncated} sources to {cfg.data.max_source_length} and "
+           f"{tgt_tok.truncated} targets to {max_tgt} tokens")
+    dev_src, dev_tgt = read_split(cfg.data.dir, "dev")
+    if cfg.eval.samples:
+        dev_src, dev_tgt = dev_src[:cfg.eval.samples], dev_tgt[:cfg.eval.samples]
+
+    from janus.engine import resolve_ds_config
+
+    ds = resolve_ds_config(cfg.run, cfg.optim, world)
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    if not cfg.run.max_steps:
+        cfg.run.max_steps = max(1, math.ceil(cfg.epochs * len(src) / (micro * accum * world)))
+    dataset = PairBatches(src_tok, tgt_tok, tokenizer.pad_token_id, cfg.data.seed, nar, max_tgt)
+    fp = fingerprint(os.path.join(cfg.data.dir, "train.src"), os.path.join(cfg.data.dir, "train.tgt"),
+                     extra=f"{cfg.data.max_source_length}/{max_tgt}/{len(tokenizer)}/{cfg.mode}")
+    loader = ResumableLoader(dataset, num_items=len(dataset), seed=cfg.data.seed, fingerprint=fp, rank=rank,
+                             world_size=world, micro_batch_size=micro, num_workers=cfg.data.num_workers)
+    objective = cfg.objective
+    print0(f"{cfg.task} {cfg.mode}: {cfg.run.max_steps} steps ({cfg.epochs} epochs), objective {objective.preset}, "
+           f"lr {cfg.optim.lr}, world size {world}")
+
+    def loss_fn(engine, batch):
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decoder_mask"],
+                     objective=objective, length_targets=batch.get("length_targets"))
+        scalars = {k: v for k, v in out.losses.items() if k != "total" and not k.startswith("n_")}
+        scalars.update(total=out.loss, n_tokens=out.losses["n_tokens"], n_masked=out.losses["n_masked"],
+                       n_samples=torch.tensor(float(batch["labels"].shape[0])))
+        return out.loss, scalars
+
+    best_dir = os.path.join(cfg.run.save_dir, "best")
+    best_file = os.path.join(best_dir, "dev_scores.json")
+    beam_cfg = BeamConfig(beam=cfg.eval.beam, max_len=max_tgt)
+    nar_cfg = MaskPredictConfig(iterations=cfg.eval.iterations, length_candidates=cfg.eval.length_candidates,
+                                max_len=max_tgt)
+
+    def evaluate(module: JanusBart, step: int) -> dict:
+        """Each rank decodes a slice of dev; rank 0 scores; the best model is exported."""
+        share = list(range(rank, len(dev_src), world))
+        hyps = decode(module, tokenizer, [dev_src[i] for i in share], cfg, cfg.mode, cfg.eval.batch_size,
+                      beam_cfg, nar_cfg)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, list(zip(share, hyps)))
+        results = {}
+        if is_rank0():
+            ordered = dict(pair for part in gathered for pair in part)
+            preds = [ordered[i] for i in range(len(dev_src))]
+            srcs = dev_src if cfg.task in ("squadqg", "msqg") else None
+            results = score_task(cfg.task, preds, dev_tgt, srcs, meteor=cfg.eval.meteor)
+            score = results.get("overall")
+            if score is None:
+                score = sum(v for k, v in results.items() if isinstance(v, float) and k not in ("repetition",))
+            results = {k: v for k, v in results.items() if isinstance(v, (int, float))} | {"score": float(score)}
+            best = json.load(open(best_file))["score"] if os.path.exists(best_file) else -math.inf
+            if results["score"] > best:
+                module.save_pretrained(best_dir)
+                tokenizer.save_pretrained(best_dir)
+                with open(best_file, "w") as f:
+                    json.dump({"step": step, **results}, f, indent=2)
+                with open(os.path.join(best_dir, "dev_predictions.txt"), "w") as f:
+                    f.write("\n".join(preds) + "\n")
+            results["best"] = max(best, results["score"])
+        box = [results]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "task": cfg.task, "mode": cfg.mode,
+            "tokenizer_dir": os.path.abspath(cfg.model.tokenizer or cfg.model.init_from)}
+    summary = train(cfg.run, cfg.optim, model, loader, loss_fn, meta, to_dict(cfg), evaluate=evaluate)
+    summary["best_dir"] = best_dir
+    return summary
+
+
+if __name__ == "__main__":
+    main()
