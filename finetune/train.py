@@ -29,9 +29,10 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from data_pipeline.loader import ResumableLoader
+from finetune.generate import decode_lines
 from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
 from janus.config import add_config_arguments, config_from_args, to_dict
-from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict
+from janus.decoding import BeamConfig, MaskPredictConfig
 from janus.distributed import device, init_distributed, is_rank0, print0
 from janus.engine import OptimConfig, RunConfig, train
 from janus.metrics import evaluate as score_task
@@ -101,33 +102,6 @@ def mode_defaults(values: dict) -> dict:
     return {"optim": dict(d["optim"]), "objective": {**PRESETS.get(preset, {}), "preset": preset}}
 
 
-def decode(model: JanusBart, tokenizer, sources: list[str], cfg: FinetuneConfig, mode: str, batch_size: int,
-           beam: BeamConfig, nar: MaskPredictConfig, show_progress: bool = False) -> list[str]:
-    """Detokenised outputs for ``sources`` (batched, sorted by length for less padding)."""
-    from tqdm import tqdm
-
-    dev = next(model.parameters()).device
-    enc = tokenizer(sources, add_special_tokens=True, truncation=True, max_length=cfg.data.max_source_length)["input_ids"]
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    outputs: list[str] = [""] * len(enc)
-    for start in tqdm(range(0, len(order), batch_size), desc="decoding", disable=not show_progress):
-        idx = order[start:start + batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(enc[i])] = torch.tensor(enc[i])
-        am = ids.ne(tokenizer.pad_token_id).long()
-        ids, am = ids.to(dev), am.to(dev)
-        if mode == "ar":
-            tokens, _ = beam_search(model, ids, am, beam)
-        else:
-            tokens, _ = mask_predict(model, ids, am, nar)
-        for r, text in enumerate(tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True,
-                                                        clean_up_tokenization_spaces=False)):
-            outputs[idx[r]] = text.strip()
-    return outputs
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, FinetuneConfig)
@@ -191,8 +165,9 @@ def main(argv=None) -> dict:
     def evaluate(module: JanusBart, step: int) -> dict:
         """Each rank decodes a slice of dev; rank 0 scores; the best model is exported."""
         share = list(range(rank, len(dev_src), world))
-        hyps = decode(module, tokenizer, [dev_src[i] for i in share], cfg, cfg.mode, cfg.eval.batch_size,
-                      beam_cfg, nar_cfg)
+        hyps = decode_lines(module, tokenizer, [dev_src[i] for i in share], mode=cfg.mode,
+                            batch_size=cfg.eval.batch_size, max_source_length=cfg.data.max_source_length,
+                            beam=beam_cfg, nar=nar_cfg)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, list(zip(share, hyps)))
         results = {}

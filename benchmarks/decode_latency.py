@@ -1,0 +1,83 @@
+"""Decoding latency: AR beam search vs NAR mask-predict on the same model, side by side.
+
+Paper protocol: batch size 1, ms/sample. The model has random weights at the chosen dims
+(bart-base by default), sources of --source-len tokens, and every output is --target-len
+tokens long (AR: EOS is only allowed at the last step; NAR: the length head is biased so its
+top candidates are target-len +- 2), so both decoders do exactly the paper's amount of work.
+NAR ``T`` = refinement passes after the first (T + 1 passes). Prints one JSON object on the
+last line with ms/sample per setting and the speedups ``speedup_T{T}`` = AR / NAR.
+
+    python -m benchmarks.decode_latency                      # bart-base dims, source 512, target 64
+    python -m benchmarks.decode_latency --dims small --samples 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import BartConfig
+
+from benchmarks.train_step import DIMS
+from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict
+from janus.model import JanusBart
+
+
+def build(dims: str, target_len: int, source_len: int) -> JanusBart:
+    torch.manual_seed(0)
+    config = BartConfig(max_position_embeddings=max(1024, source_len + 2), dropout=0.0, **DIMS[dims])
+    model = JanusBart(config, length_classes=target_len + 3).eval()
+    with torch.no_grad():  # top-5 predicted lengths: target_len, +-1, +-2
+        model.length_head.weight.zero_()
+        model.length_head.bias.fill_(-100.0)
+        for off, bias in ((0, 5.0), (-1, 4.0), (1, 3.0), (-2, 2.0), (2, 1.0)):
+            model.length_head.bias[target_len + off] = bias
+    return model
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return 1000 * (time.perf_counter() - t) / repeats
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", choices=list(DIMS), default="bart-base")
+    p.add_argument("--source-len", type=int, default=512)
+    p.add_argument("--target-len", type=int, default=64)
+    p.add_argument("--samples", type=int, default=2, help="timed sources per setting (batch 1)")
+    p.add_argument("--iterations", default="0,1,4,10")
+    p.add_argument("--candidates", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = build(args.dims, args.target_len, args.source_len)
+    vocab = model.config.vocab_size
+    x = torch.randint(4, vocab - 1, (1, args.source_len), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(x)
+    beam = BeamConfig(beam=5, max_len=args.target_len, min_len=args.target_len)
+    result = {"dims": args.dims, "threads": args.threads, "source_len": args.source_len,
+              "target_len": args.target_len, "batch_size": 1, "candidates": args.candidates}
+    with torch.no_grad():
+        result["ar_beam5_ms"] = timed(lambda: beam_search(model, x, am, beam), args.samples)
+        print(json.dumps({"ar_beam5_ms": result["ar_beam5_ms"]}), flush=True)
+        for T in (int(t) for t in args.iterations.split(",")):
+            for prune in (0, 1):
+                if prune and T == 0:
+                    continue
+                cfg = MaskPredictConfig(iterations=T, length_candidates=args.candidates,
+                                        max_len=args.target_len + 2, prune_after=prune)
+                key = f"nar_T{T}_ms" + ("_pruned" if prune else "")
+                result[key] = timed(lambda: mask_predict(model, x, am, cfg), args.samples)
+                result[f"speedup_T{T}" + ("_pruned" if prune else "")] = result["ar_beam5_ms"] / result[key]
+                print(json.dumps({key: result[key]}), flush=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
