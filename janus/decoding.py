@@ -42,17 +42,13 @@ class MaskPredictConfig:
     prune_after: int = 0  # > 0: after this many passes keep only each source's best candidate
 
 
-def _expand(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x.repeat_interleave(n, dim=0)
-
-
 class ARStepper:
     """Incremental AR scoring: ``step(prev_tokens)`` -> log-probs of the next target token."""
 
     def __init__(self, model: JanusBart, encoder_out: torch.Tensor, attention_mask: torch.Tensor, copies: int = 1):
         self.model = model
-        self.cross = [(_expand(k, copies), _expand(v, copies)) for k, v in model.cross_kv(encoder_out)]
-        self.cross_mask = _expand(model.cross_mask(attention_mask), copies)
+        self.cross = model.cross_kv(encoder_out)  # shared by the ``copies`` rows of each source
+        self.cross_mask = model.cross_mask(attention_mask)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.t = 0
 
@@ -66,7 +62,8 @@ class ARStepper:
         for i, layer in enumerate(m.model.decoder.layers):
             kv: list = []
             past = None if self.cache is None else self.cache[i]
-            h = m._layer(layer, h, None, self.cross[i], self.cross_mask, past=past, kv_len=1, new_kv=kv)
+            h = m._layer(layer, h, None, self.cross[i], self.cross_mask, past=past, kv_len=1, new_kv=kv,
+                         interleaved=True)
             k, v = kv[0]
             new_cache.append((k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)))
         self.cache = new_cache
@@ -184,8 +181,8 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
     lengths = lengths.reshape(-1)
     L = int(lengths.max())
     dev = input_ids.device
-    cross = [(_expand(k, C), _expand(v, C)) for k, v in model.cross_kv(enc)]
-    cross_mask = _expand(model.cross_mask(attention_mask), C)
+    cross = model.cross_kv(enc)  # per source, shared by its C candidates
+    cross_mask = model.cross_mask(attention_mask)
     rows = torch.arange(B * C, device=dev)  # which candidates are still decoded
     valid = torch.arange(L, device=dev) < lengths[:, None]
     tokens = torch.where(valid, mask_id, pad)
@@ -195,8 +192,7 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
     passes = cfg.iterations + 1
     for p in range(passes):
         h = model.embed_decoder(tokens[rows], positions[rows])
-        h = model.decoder_layers(h, _bidirectional_mask(valid[rows]), [(k[rows], v[rows]) for k, v in cross],
-                                 cross_mask[rows])
+        h = model.decoder_layers(h, _bidirectional_mask(valid[rows]), cross, cross_mask, interleaved=True)
         m = masked[rows]
         best_lp, best_tok = _never_special(torch.log_softmax(model.logits(h[m]).float(), -1), model).max(-1)
         sub_tok, sub_lp = tokens[rows], logp[rows]

@@ -75,6 +75,22 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(R, L, num_heads, D // num_heads).transpose(1, 2)
 
 
+def _shared_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float,
+                             scale: float, interleaved: bool) -> torch.Tensor:
+    """Cross-attention of R = G*B query rows to B sources without copying keys/values: the
+    G rows of a source are folded into its sequence dimension (rows attend independently)."""
+    R, H, L, d = q.shape
+    B = k.shape[0]
+    G = R // B
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    q = q.view(B, G, H, L, d).transpose(1, 2) if interleaved else q.view(G, B, H, L, d).permute(1, 2, 0, 3, 4)
+    a = F.scaled_dot_product_attention(q.reshape(B, H, G * L, d), k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    a = a.view(B, H, G, L, d)
+    a = a.transpose(1, 2) if interleaved else a.permute(2, 0, 1, 3, 4)
+    return a.reshape(R, H, L, d)
+
+
 def _merge(x: torch.Tensor) -> torch.Tensor:
     R, H, L, d = x.shape
     return x.transpose(1, 2).reshape(R, L, H * d)
@@ -188,11 +204,14 @@ class JanusBart(nn.Module):
     def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor | None, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
                past: tuple[torch.Tensor, torch.Tensor] | None = None, kv_len: int | None = None,
-               new_kv: list | None = None) -> torch.Tensor:
+               new_kv: list | None = None, interleaved: bool = False) -> torch.Tensor:
         """One post-LN BART decoder layer. ``rows`` limits the computed rows (keys/values
         still come from every token); ``kv_len`` takes keys/values from the first ``kv_len``
         tokens only (the content stream during incremental decoding); ``past`` prepends cached
-        self-attention keys/values, and the new ones are appended to ``new_kv`` when given."""
+        self-attention keys/values, and the new ones are appended to ``new_kv`` when given.
+        Cross-attention keys/values are per source; several decoder rows per source (pattern
+        halves, beams, length candidates) share them, laid out ``interleaved`` (row = b*G + g)
+        or blocked (row = g*B + b)."""
         H = self.config.decoder_attention_heads
         drop, attn_drop = self.config.dropout if self.training else 0.0, self.config.attention_dropout if self.training else 0.0
         sa = layer.self_attn
@@ -207,12 +226,7 @@ class JanusBart(nn.Module):
                                            dropout_p=attn_drop, scale=sa.scaling)
         x = layer.self_attn_layer_norm(x + F.dropout(sa.out_proj(_merge(a)), p=drop, training=self.training))
         ca = layer.encoder_attn
-        ck, cv = cross
-        if ck.shape[0] != x.shape[0]:  # both pattern halves share one encoder pass
-            reps = x.shape[0] // ck.shape[0]
-            ck, cv = ck.repeat(reps, 1, 1, 1), cv.repeat(reps, 1, 1, 1)
-        a = F.scaled_dot_product_attention(_heads(ca.q_proj(x), H), ck, cv, attn_mask=cross_mask,
-                                           dropout_p=attn_drop, scale=ca.scaling)
+        a = _shared_source_attention(_heads(ca.q_proj(x), H), *cross, cross_mask, attn_drop, ca.scaling, interleaved)
         x = layer.encoder_attn_layer_norm(x + F.dropout(ca.out_proj(_merge(a)), p=drop, training=self.training))
         f = layer.activation_fn(layer.fc1(x))
         f = F.dropout(f, p=self.config.activation_dropout if self.training else 0.0, training=self.training)
@@ -232,14 +246,14 @@ class JanusBart(nn.Module):
         return attention_mask.bool()[:, None, None, :]
 
     def decoder_layers(self, h: torch.Tensor, self_mask: torch.Tensor | None, cross: list, cross_mask: torch.Tensor,
-                       last_rows: torch.Tensor | None = None, last_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       last_rows: torch.Tensor | None = None, last_mask: torch.Tensor | None = None,
+                       interleaved: bool = False) -> torch.Tensor:
         """The decoder stack; the last layer may compute only ``last_rows`` (with ``last_mask``)."""
         layers = self.model.decoder.layers
-        if cross_mask.shape[0] != h.shape[0]:  # both pattern halves share one encoder pass
-            cross_mask = cross_mask.repeat(h.shape[0] // cross_mask.shape[0], 1, 1, 1)
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1 and last_rows is not None
-            args = (layer, h, last_mask if last else self_mask, cross[i], cross_mask, last_rows if last else None)
+            args = (layer, h, last_mask if last else self_mask, cross[i], cross_mask, last_rows if last else None,
+                    None, None, None, interleaved)
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(self._layer, *args, use_reentrant=False)
             else:
