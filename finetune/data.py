@@ -48,16 +48,23 @@ def read_lines(path: str) -> list[str]:
     return out
 
 
-def read_split(data_dir: str, split: str) -> tuple[list[str], list[str]]:
-    src_path, tgt_path = os.path.join(data_dir, f"{split}.src"), os.path.join(data_dir, f"{split}.tgt")
+def read_pair(src_path: str, tgt_path: str, forbid_empty: bool) -> tuple[list[str], list[str]]:
+    """Two line-aligned files (source, target); mismatched line counts and (when
+    ``forbid_empty``) empty lines are errors naming the file and line."""
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         raise DataFormatError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
     for path, lines in ((src_path, src), (tgt_path, tgt)):
         empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
-        if empty and split == "train":
-            raise DataFormatError(f"{path}:{empty[0]}: empty line ({len(empty)} in all); GLGE lines must hold text")
+        if empty and forbid_empty:
+            raise DataFormatError(f"{path}:{empty[0]}: empty line ({len(empty)} in all); every line must hold text")
     return src, tgt
+
+
+def read_split(data_dir: str, split: str) -> tuple[list[str], list[str]]:
+    """GLGE layout ``{split}.src`` / ``{split}.tgt``."""
+    return read_pair(os.path.join(data_dir, f"{split}.src"), os.path.join(data_dir, f"{split}.tgt"),
+                     forbid_empty=split == "train")
 
 
 @dataclass
@@ -125,11 +132,49 @@ def cmlm_mask(lengths: np.ndarray, width: int, seed: int, epochs: np.ndarray, id
     return rank < counts[:, None]
 
 
-class PairBatches(Dataset):
-    """Map-style dataset: key = int64 [2, B] of (epoch, example id) -> a padded batch."""
+def poisson_span_mask(lengths: np.ndarray, width: int, seed: int, epochs: np.ndarray, ids: np.ndarray,
+                      mean_span: float = 2.0) -> np.ndarray:
+    """Span masks [B, width] (JANUS paper §3.2): per sample a ratio r ~ U(0, 1], n = max(1, round(r N))
+    masked tokens in spans of length max(1, Poisson(mean_span)) (the last span cut to fit n), placed at
+    uniformly random non-overlapping spots. Vectorised, a pure function of (seed, epoch, id): the spans
+    and the N - n unmasked tokens form "units" that are put in a random order and laid out left to right."""
+    B = len(lengths)
+    u = hash_uniform(seed, epochs, ids, np.arange(2 * width + 1))
+    counts = np.clip(np.rint((1.0 - u[:, -1]) * lengths), 1, np.maximum(lengths, 1)).astype(np.int64)
+    counts = np.minimum(counts, lengths)
+    # Span lengths by inverse CDF of Poisson(mean_span), at least 1; cut where their sum reaches n.
+    k = np.arange(4 * int(mean_span) + 24)
+    pmf = np.exp(-mean_span + k * np.log(mean_span) - np.cumsum(np.log(np.maximum(k, 1))))
+    spans = np.maximum(np.searchsorted(np.cumsum(pmf), u[:, :width]), 1)
+    start = np.cumsum(spans, 1) - spans
+    spans = np.clip(counts[:, None] - start, 0, spans)  # [B, width]: 0 for spans past n
+    # Units: `width` span slots then `width` single unmasked tokens (the first N - n of them real).
+    unit_len = np.concatenate([spans, (np.arange(width) < (lengths - counts)[:, None]).astype(np.int64)], 1)
+    unit_mask = np.concatenate([np.ones((B, width), bool), np.zeros((B, width), bool)], 1)
+    shuffle = np.concatenate([u[:, width:2 * width], hash_uniform(seed + 1, epochs, ids, np.arange(width))], 1)
+    key = np.where(unit_len > 0, shuffle, np.inf)
+    order = key.argsort(1, kind="stable")
+    unit_len, unit_mask = np.take_along_axis(unit_len, order, 1), np.take_along_axis(unit_mask, order, 1)
+    flat = np.repeat(unit_mask.ravel(), unit_len.ravel())  # row-major: row b holds exactly lengths[b] flags
+    out = np.zeros((B, width), bool)
+    out[np.arange(width) < lengths[:, None]] = flat
+    return out
 
-    def __init__(self, src: Tokenized, tgt: Tokenized, pad_id: int, seed: int, nar: bool, max_target: int):
+
+DECODER_MASKERS = {"cmlm": cmlm_mask, "span": poisson_span_mask}
+
+
+class PairBatches(Dataset):
+    """Map-style dataset: key = int64 [2, B] of (epoch, example id) -> a padded batch.
+    With ``nar`` the batch has a decoder mask from ``masker`` (a name in ``DECODER_MASKERS``)
+    and length targets for the length head."""
+
+    def __init__(self, src: Tokenized, tgt: Tokenized, pad_id: int, seed: int, nar: bool, max_target: int,
+                 masker: str = "cmlm"):
+        if masker not in DECODER_MASKERS:
+            raise ValueError(f"unknown decoder masking {masker!r}; choose from {sorted(DECODER_MASKERS)}")
         self.src, self.tgt, self.pad_id, self.seed, self.nar, self.max_target = src, tgt, pad_id, seed, nar, max_target
+        self.masker = masker
 
     def __len__(self) -> int:
         return len(self.src)
@@ -142,7 +187,8 @@ class PairBatches(Dataset):
         batch = {"input_ids": torch.from_numpy(source), "attention_mask": torch.from_numpy(source_valid.astype(np.int64)),
                  "labels": torch.from_numpy(target)}
         if self.nar:
-            batch["decoder_mask"] = torch.from_numpy(cmlm_mask(lengths, target.shape[1], self.seed, epochs, ids))
+            mask = DECODER_MASKERS[self.masker](lengths, target.shape[1], self.seed, epochs, ids)
+            batch["decoder_mask"] = torch.from_numpy(mask)
             batch["length_targets"] = torch.from_numpy(np.minimum(lengths, self.max_target))
         else:
             batch["decoder_mask"] = torch.zeros(target.shape, dtype=torch.bool)

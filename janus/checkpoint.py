@@ -143,3 +143,65 @@ def averaged_state_dict(root: str, tags: list[str]) -> dict[str, torch.Tensor]:
 def read_model_meta(root: str, tag: str) -> dict:
     with open(os.path.join(root, tag, "model_meta.json")) as f:
         return json.load(f)
+
+
+TIED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+
+
+def model_from_state(state: dict[str, torch.Tensor], meta: dict):
+    """A ``JanusBart`` holding a consolidated (or averaged) training state.
+
+    ``meta`` is the checkpoint's ``model_meta.json``; when it names an ``export_prefix`` (e.g.
+    ``"nat."`` for Multi-Task NAT) only that sub-model is kept and everything else (the AT
+    decoder) is dropped. Tied embeddings must be identical when the state holds several copies."""
+    from transformers import BartConfig
+
+    from janus.model import JanusBart
+
+    prefix = meta.get("export_prefix", "")
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = dict(state)
+    model = JanusBart(BartConfig.from_dict(meta["bart_config"]), **meta["janus"])
+    shared = state.get("model.shared.weight")
+    if shared is None:
+        raise KeyError("checkpoint has no model.shared.weight")
+    for k in TIED:  # ZeRO consolidation may store a tied tensor once; when present, it must be identical
+        if k in state and not torch.equal(state[k], shared):
+            raise ValueError(f"tied weight {k} differs from model.shared.weight in the checkpoint")
+        state.pop(k, None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in TIED]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def export(save_dir: str, out: str, tag: str | None = None, average: int = 0) -> dict:
+    """Write an HF BART folder (+ JANUS extras and the run's tokenizer) from the newest checkpoint,
+    a given ``tag``, or the mean of the last ``average`` complete checkpoints."""
+    root = os.path.join(save_dir, "checkpoints")
+    tags = complete_tags(root)
+    if not tags:
+        raise FileNotFoundError(f"{root}: no complete checkpoint")
+    if average:
+        if average > len(tags):
+            raise ValueError(f"--average {average}: only {len(tags)} complete checkpoints in {root}")
+        chosen = tags[-average:]
+        state = averaged_state_dict(root, chosen)
+    else:
+        chosen = [tag or tags[-1]]
+        if chosen[0] not in tags:
+            raise FileNotFoundError(f"{root}/{chosen[0]} is not a complete checkpoint; have {tags}")
+        state = consolidated_state_dict(root, chosen[0])
+    meta = read_model_meta(root, chosen[-1])
+    model = model_from_state(state, meta)
+    model.save_pretrained(out)
+    tok_dir = meta.get("tokenizer_dir")
+    if tok_dir and os.path.isdir(tok_dir):
+        for name in os.listdir(tok_dir):
+            shutil.copy2(os.path.join(tok_dir, name), os.path.join(out, name))
+    info = {"source": root, "tags": chosen, "averaged": len(chosen) > 1, "out": out}
+    with open(os.path.join(out, "export_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info

@@ -265,13 +265,15 @@ class JanusBart(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 decoder_mask: torch.Tensor | None = None, *, objective: ObjectiveConfig | None = None, streams: DecoderStreams | None = None,
-                patterns: tuple[str, ...] | None = None, length_targets: torch.Tensor | None = None) -> JanusOutput:
+                patterns: tuple[str, ...] | None = None, length_targets: torch.Tensor | None = None,
+                encoder_out: torch.Tensor | None = None) -> JanusOutput:
         """One encoder pass, one decoder pass for every requested pattern.
 
         ``objective`` (a ``janus.objectives.ObjectiveConfig``) decides which patterns run and
         adds ``losses``/``loss`` to the output; without it all three patterns run (or
         ``patterns``). ``streams`` may be prebuilt (e.g. in data-loader workers) with
-        ``build_streams``.
+        ``build_streams``. ``encoder_out`` may be given when the caller already ran the encoder
+        (e.g. a second decoder on the same encoder pass).
         """
         if patterns is None:
             patterns = objective.patterns() if objective is not None else ("ar", "nar", "aux")
@@ -282,7 +284,7 @@ class JanusBart(nn.Module):
         if labels.shape[1] >= self.config.max_position_embeddings:
             raise ValueError(f"target length {labels.shape[1]} needs positions up to {labels.shape[1]}, "
                              f"but max_position_embeddings is {self.config.max_position_embeddings}")
-        enc = self.encode(input_ids, attention_mask)
+        enc = self.encode(input_ids, attention_mask) if encoder_out is None else encoder_out
         hidden = self.run_decoder(streams, enc, attention_mask)
         B, N, M = streams.batch_size, labels.shape[1], streams.num_masked_max
         nar_rows = hidden[streams.nar_half]
