@@ -108,3 +108,30 @@ def test_remask_schedule():
     n = torch.tensor([10, 7])
     assert remask_count(n, 0, 2).tolist() == [5, 3]  # T = 1: half re-masked once
     assert [remask_count(n, p, 5)[0].item() for p in range(4)] == [8, 6, 4, 2]
+
+
+def test_mask_predict_refinement_matches_a_manual_two_pass_decode():
+    """T = 1 by hand with the training-time NAR pattern: pass 1 predicts everything, the
+    floor(N/2) least confident tokens are re-masked and re-predicted with the rest visible."""
+    model = make_model(length_classes=20, seed=3)
+    with torch.no_grad():
+        model.length_head.bias[:] = -50.0
+        model.length_head.bias[9] = 50.0
+        for p in model.parameters():  # a sharper random model, so predictions differ by position and context
+            p.mul_(6.0)
+    x, am = sources(40, seed=5)
+    tokens, _ = mask_predict(model, x, am, MaskPredictConfig(iterations=1, length_candidates=1, max_len=19))
+
+    def nar(labels, dm):
+        with torch.no_grad():
+            lp = model(x, am, labels, dm, patterns=("nar",)).nar_logits.log_softmax(-1)
+        lp[..., [PAD, model.mask_token_id]] = float("-inf")
+        return lp.max(-1)
+
+    everything = torch.ones(3, 9, dtype=torch.bool)
+    lp0, tok0 = nar(torch.full((3, 9), 5), everything)
+    remask = lp0.argsort(1).argsort(1) < 9 // 2
+    lp1, tok1 = nar(tok0, remask)
+    expected = torch.where(remask, tok1, tok0)
+    assert torch.equal(tokens, expected)
+    assert not torch.equal(tok0, expected)  # the second pass changed something
