@@ -101,7 +101,7 @@ def finetune_and_evaluate(args, out: Path, export_dir: Path, env: dict) -> dict:
     task = out / "task"
     if not (task / "test.tgt").exists():
         run([sys.executable, "-m", "finetune.make_demo_task", "--out", str(task)], env)
-    for mode, lr in (("ar", "5e-4"), ("nar", "1e-3")):
+    for mode, lr in (("ar", "2e-3"), ("nar", "2e-3")):
         save = out / f"xsum-{mode}"
         shutil.rmtree(save, ignore_errors=True)
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks),
