@@ -1,0 +1,201 @@
+"""slurm/pretrain.sh on a real (localhost, single-node) Slurm cluster, CPU path, 2 ranks.
+
+The cluster comes from tests/slurm_cluster.py (Debian's slurmd/slurmctld/slurm-client/munge,
+installed by .ci/run). In CI (CI set) missing Slurm tools are a failure, not a skip.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e import REPO, build_shards
+from slurm_cluster import SlurmCluster, missing_requirements
+
+SCRIPTS = ("slurm/pretrain.sh", "slurm/finetune.sh", "slurm/common.sh")
+CONFIG = "pretrain/configs/tiny_cpu.json"
+STEP_TIMEOUT = 300  # seconds for one sbatch --wait
+
+
+def _require(what: str, problems: list[str]) -> None:
+    if not problems:
+        return
+    msg = f"{what}: " + "; ".join(problems)
+    if os.environ.get("CI"):
+        pytest.fail(msg + " (CI must provide it: see .ci/run)")
+    pytest.skip(msg)
+
+
+# ---------------------------------------------------------------- static checks (fast)
+
+def test_scripts_parse_and_pass_shellcheck():
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
+    _require("shellcheck", [] if shutil.which("shellcheck") else ["shellcheck not found (apt-get install shellcheck)"])
+    proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _dry_run(script: str, env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_")) and k not in ("CONFIG", "OMP_NUM_THREADS")} | env
+    proc = subprocess.run(["bash", str(REPO / script), *args], cwd="/", env=env | {"DRY_RUN": "1"},
+                          capture_output=True, text=True)
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc
+
+
+def _command(proc: subprocess.CompletedProcess) -> str:
+    return next(ln for ln in proc.stdout.splitlines() if "command:" in ln).split("command: ", 1)[1].rstrip()
+
+
+def test_launch_command_cpu_and_gpu_from_one_script_and_finetune_alike(tmp_path):
+    # Outside Slurm: one node on this machine, same composition (the CPU path as in the CI test).
+    cpu = _command(_dry_run("slurm/pretrain.sh", {"DEVICE": "cpu", "NPROC_PER_NODE": "2", "CONFIG": CONFIG,
+                                                  "SAVE_DIR": "runs/x", "EXTRA_ARGS": "--run.max_steps 3"},
+                            "--run.log_every", "1"))
+    assert cpu.startswith("bash -c 'trap \"\" USR1;") and '--node_rank "$SLURM_PROCID"' in cpu
+    assert "--nnodes 1 --nproc_per_node 2 --rdzv_backend static --rdzv_endpoint 127.0.0.1:" in cpu
+    assert cpu.endswith("pretrain/train.py --config pretrain/configs/tiny_cpu.json --run.save_dir runs/x "
+                        "--run.max_steps 3 --run.log_every 1")
+    assert "CONFIG" in _dry_run("slurm/pretrain.sh", {}, ok=False).stderr  # no silent default config
+    # Inside a (fake) 2-node GPU allocation: srun, first host, port from the job id, 8 ranks/node.
+    _require("scontrol", [] if shutil.which("scontrol") else ["scontrol not found"])
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=x\nSlurmctldHost=localhost\n")  # enough for `scontrol show hostnames`
+    alloc = {"SLURM_CONF": str(conf), "SLURM_JOB_ID": "1234", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_CPUS_PER_TASK": "32", "SLURM_GPUS_ON_NODE": "8", "CONFIG": "cfg.json", "SAVE_DIR": "/ckpt/a b"}
+    gpu = _dry_run("slurm/pretrain.sh", alloc, "--run.max_steps", "10")
+    assert "2 node(s) x 8 rank(s), device gpu, OMP_NUM_THREADS 4, master gpu07:11234" in gpu.stdout
+    cmd = _command(gpu)
+    assert cmd.startswith("srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=32 "
+                          "bash -c ")
+    assert ("--nnodes 2 --nproc_per_node 8 --rdzv_backend static --rdzv_endpoint gpu07:11234 --rdzv_id 1234 "
+            "--max_restarts 0 pretrain/train.py --config cfg.json --run.save_dir /ckpt/a\\ b --run.max_steps 10") in cmd
+    fin = _command(_dry_run("slurm/finetune.sh", alloc, "--run.max_steps", "10"))
+    assert fin == cmd.replace("pretrain/train.py", "finetune/train.py")
+    assert "no GPUs found" in _dry_run("slurm/pretrain.sh", {**alloc, "SLURM_GPUS_ON_NODE": "0"},
+                                       ok=False).stderr
+
+
+# ---------------------------------------------------------------- the real cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    _require("local Slurm cluster", missing_requirements())
+    c = SlurmCluster()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("slurm_data"))
+
+
+def _sbatch(cluster: SlurmCluster, name: str, out: Path, save_dir: Path, shards: Path, *trainer_args: str):
+    """Start `sbatch --wait slurm/pretrain.sh` for the CPU path (1 node, 2 ranks); returns the Popen."""
+    env = cluster.env()
+    env.update(DEVICE="cpu", NPROC_PER_NODE="2", CONFIG=CONFIG, SAVE_DIR=str(save_dir), PYTHON=sys.executable)
+    cmd = ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
+           "--time=5", f"--output={out}", "slurm/pretrain.sh", "--data.shards_dir", str(shards),
+           "--run.log_every", "1", *trainer_args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, cluster: SlurmCluster, out: Path) -> str:
+    try:
+        stdout, stderr = proc.communicate(timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    log = out.read_text(errors="replace") if out.exists() else "(no job output)"
+    assert proc.returncode == 0, (f"sbatch --wait returned {proc.returncode}\n{stdout}\n{stderr}\n--- job output\n"
+                                  f"{log[-6000:]}\n{cluster.logs(tail=20)}")
+    return log
+
+
+def _metric_rows(save_dir: Path) -> list[dict]:
+    path = save_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _complete(save_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in (save_dir / "checkpoints").glob("step_*/COMPLETE"))
+
+
+@pytest.mark.slow
+def test_sbatch_pretrain_trains_checkpoints_resumes_and_requeues_on_usr1(cluster, shards, tmp_path):
+    save = tmp_path / "run"
+    common = ("--run.keep_last", "0")
+
+    # 1. A fresh job trains 4 steps on 2 CPU ranks and checkpoints every 2.
+    out1 = tmp_path / "first.out"
+    log1 = _finish(_sbatch(cluster, "janus-first", out1, save, shards, "--run.max_steps", "4", "--run.save_every", "2",
+                           *common), cluster, out1)
+    rows = _metric_rows(save)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], log1[-3000:]
+    assert all(math.isfinite(r["loss/total"]) for r in rows)
+    assert _complete(save) == [2, 4]
+    assert (save / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert "resumed from" not in log1 and "2 rank(s), device cpu" in log1
+
+    # 2. Submitted again with more steps and the same save dir, it resumes at step 4 ...
+    out2 = tmp_path / "second.out"
+    proc = _sbatch(cluster, "janus-second", out2, save, shards, "--run.max_steps", "50", "--run.save_every", "1000",
+                   *common)
+
+    def wait_for(what: str, condition) -> None:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not condition():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                pytest.fail(f"the job ended (sbatch: {proc.returncode}) or stalled before {what}:\n{stdout}{stderr}\n"
+                            f"{log2()[-3000:]}\n{cluster.logs(tail=20)}")
+            time.sleep(0.2)
+
+    def log2() -> str:
+        return out2.read_text(errors="replace") if out2.exists() else ""
+
+    wait_for("step 7", lambda: _metric_rows(save)[-1]["step"] >= 7)  # the resumed loop runs: handler installed
+    job = cluster.run("squeue", "-h", "-n", "janus-second", "-o", "%i").stdout.split()
+    assert len(job) == 1, job
+    # 3. ... then gets the pre-walltime signal as `#SBATCH --signal=B:USR1@120` sends it (to the
+    # batch shell only): the shell forwards it to the step, the trainer saves and stops, the job
+    # requeues itself and resumes from that checkpoint.
+    cluster.run("scancel", "--batch", "--signal=USR1", job[0])
+    wait_for("the requeue", lambda: "(restart 1)" in log2())
+    first_stop = int(re.findall(r"checkpoint saved at step (\d+), stopping", log2())[0])
+    wait_for("the requeued run trains", lambda: _metric_rows(save)[-1]["step"] >= first_stop + 3)
+    # 4. The same signal sent to the job step only (`--signal=USR1@T` without B:): torchrun ignores
+    # it, the ranks save and stop, and the batch shell sees an unfinished run and requeues too.
+    cluster.run("scancel", "--signal=USR1", job[0])
+    log = _finish(proc, cluster, out2)
+
+    assert f"resumed from {save}/checkpoints/step_00000004 at step 4" in log, log[-3000:]
+    assert log.count("USR1 received") == 1 and log.count(f"requeueing job {job[0]}") == 2, log[-4000:]
+    assert "the trainer stopped before max_steps on a signal" in log, log[-4000:]
+    assert f"job {job[0]} (restart 1)" in log and f"job {job[0]} (restart 2)" in log, log[-4000:]
+    stops = [int(s) for s in re.findall(r"checkpoint saved at step (\d+), stopping", log)]
+    assert len(stops) == 2 and 7 <= stops[0] < stops[1] < 50, log[-4000:]
+    for k in stops:
+        assert f"resumed from {save}/checkpoints/step_{k:08d} at step {k}" in log, log[-4000:]
+    rows = _metric_rows(save)
+    assert [r["step"] for r in rows] == list(range(1, 51))  # steps continue: nothing lost, nothing re-run
+    assert all(math.isfinite(r["loss/total"]) for r in rows)
+    assert rows[-1]["loss/total"] < rows[0]["loss/total"]
+    assert _complete(save) == [2, 4, *stops, 50]
