@@ -91,11 +91,6 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, eps: float) -> torch
     return (1.0 - eps) * nll - eps * logp.mean(-1)
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(p || q) over the vocabulary."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
 def janus_losses(out, labels: torch.Tensor, cfg: ObjectiveConfig,
                  length_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms for one batch given a ``JanusOutput``; ``total`` is the weighted sum."""
@@ -125,10 +120,19 @@ def janus_losses(out, labels: torch.Tensor, cfg: ObjectiveConfig,
         if hidden is not None:
             logp[name] = log_probs(hidden[mvalid])
             losses[name] = reduce(_smoothed_nll(logp[name], masked_targets, eps), n_masked)
-    for term in KL_TERMS:
-        _, x, y = term.split("_")
-        if cfg.weight(term) > 0 and x in logp and y in logp:
-            losses[term] = reduce(_kl(logp[x], logp[y]), n_masked)
+    # KL(x||y) = sum p_x (lp_x - lp_y) and KL(y||x) = -sum p_y (lp_x - lp_y): one difference
+    # per pair and one exp per distribution serve both directions (vocab-sized tensors dominate).
+    probs: dict[str, torch.Tensor] = {}
+    for x, y in (("ar", "aux"), ("nar", "aux"), ("ar", "nar")):
+        wanted = [t for t in (f"kl_{x}_{y}", f"kl_{y}_{x}") if cfg.weight(t) > 0]
+        if not wanted or x not in logp or y not in logp:
+            continue
+        diff = logp[x] - logp[y]
+        for term in wanted:
+            p, sign = (x, 1.0) if term == f"kl_{x}_{y}" else (y, -1.0)
+            if p not in probs:
+                probs[p] = logp[p].exp()
+            losses[term] = reduce(sign * (probs[p] * diff).sum(-1), n_masked)
     total = sum(cfg.weight(k) * v for k, v in losses.items())
     if length_targets is not None and out.length_logits is not None and cfg.length > 0:
         losses["length"] = F.cross_entropy(out.length_logits.float(), length_targets,

@@ -150,6 +150,11 @@ def test_presets_select_patterns_and_terms():
     lp_aux = out.aux_logits.log_softmax(-1)[dm]
     kl_ref = torch.nn.functional.kl_div(lp_aux, lp_ar, log_target=True, reduction="batchmean")
     torch.testing.assert_close(paper["kl_ar_aux"], kl_ref, rtol=1e-5, atol=1e-6)
+    kl_rev = torch.nn.functional.kl_div(lp_ar, lp_aux, log_target=True, reduction="batchmean")
+    torch.testing.assert_close(paper["kl_aux_ar"], kl_rev, rtol=1e-5, atol=1e-6)
+    lp_nar = out.nar_logits.log_softmax(-1)[dm]
+    kl_nar = torch.nn.functional.kl_div(lp_nar, lp_aux, log_target=True, reduction="batchmean")
+    torch.testing.assert_close(paper["kl_aux_nar"], kl_nar, rtol=1e-5, atol=1e-6)
     ce_ref = torch.nn.functional.cross_entropy(out.nar_logits[dm], y[dm], label_smoothing=0.1)
     torch.testing.assert_close(paper["nar"], ce_ref, rtol=1e-5, atol=1e-6)
 
