@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 # install torch into .venv yourself before running make (an installed torch is kept).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast system-packages clean
 
 venv: $(STAMP)
 
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python demo.py
 
-test: venv
+# System packages for the Slurm tests (installed when root; see the script).
+system-packages:
+	bash tests/install_system_packages.sh
+
+test: venv system-packages
 	$(BIN)/python -m pytest -q tests
 
 test-fast: venv

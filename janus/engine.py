@@ -169,6 +169,16 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     Returns a summary dict (also written to ``<save_dir>/train_summary.json``)."""
     import deepspeed
 
+    # SIGUSR1 (Slurm's --signal=USR1@T before walltime) or SIGTERM: save at the next step
+    # boundary and exit cleanly, so a requeued job resumes from there.
+    stop_signal = {"received": 0}
+
+    def request_stop(signum, frame):
+        stop_signal["received"] = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
     world, rank = dist.get_world_size(), dist.get_rank()
     ds_config = resolve_ds_config(run, optim, world)
     accum = ds_config["gradient_accumulation_steps"]
@@ -208,16 +218,6 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
         os.makedirs(run.save_dir, exist_ok=True)
         with open(os.path.join(run.save_dir, "config.json"), "w") as f:
             json.dump(config_dump, f, indent=2, default=str)
-
-    # SIGUSR1 (Slurm's --signal=USR1@T before walltime) or SIGTERM: save at the next step
-    # boundary and exit cleanly, so a requeued job resumes from there.
-    stop_signal = {"received": 0}
-
-    def request_stop(signum, frame):
-        stop_signal["received"] = signum
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, request_stop)
 
     tracker = _Tracker(run)
     batches: Iterable = iter(loader)
