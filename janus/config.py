@@ -76,6 +76,8 @@ def _build(cls, values: dict, where: str):
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", help="JSON config file; command-line flags override it")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for name, tp, f in _leaf_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

@@ -58,6 +58,7 @@ class RunConfig:
     max_nonfinite: int = field(default=20, metadata={"help": "stop after this many skipped non-finite steps"})
     crash_at_step: int = field(default=0, metadata={"help": "testing: hard exit after this step (simulated kill)"})
     crash_in_save_at_step: int = field(default=0, metadata={"help": "testing: die in the middle of this save"})
+    nan_at_steps: list[int] = field(default_factory=list, metadata={"help": "testing: poison the loss at these steps"})
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
@@ -222,6 +223,7 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     tracker = _Tracker(run)
     batches: Iterable = iter(loader)
     sums: dict[str, torch.Tensor] = {}
+    poisoned: dict[int, bool] = {}
     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
     engine.train()
     while step < run.max_steps:
@@ -232,6 +234,9 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
             data_wait += time.perf_counter() - t
             batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss, scalars = loss_fn(engine, batch)
+            if step + 1 in run.nan_at_steps and done == 0 and not poisoned.get(step + 1):
+                poisoned[step + 1] = True  # once per listed step: the retry with the next batch is clean
+                loss = loss * float("nan")
             finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() < 1:  # every rank skips the same micro-batch

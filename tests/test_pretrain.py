@@ -157,3 +157,42 @@ def test_sigusr1_saves_and_stops_cleanly(shards, tmp_path):
     assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists()
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["finished"] is False and summary["steps"] == step
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_nonfinite_guard_and_checkpoint_averaging(shards, tmp_path):
+    import subprocess
+    import sys
+
+    from e2e import REPO, launch_env
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "pretrain/train.py",
+           "--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir", str(run), "--run.max_steps", "4",
+           "--run.save_every", "2", "--run.log_every", "1", "--run.nan_at_steps", "[2, 3]", "--run.keep_last", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    assert proc.stdout.count("non-finite loss, batch skipped") == 2
+    rows = read_metrics(run)
+    assert rows[4]["nonfinite_skipped"] == 2 and all(r["loss/total"] == r["loss/total"] for r in rows.values())
+    # A poisoned step is skipped and retried with the next batch: 6 batches for 4 steps.
+    state = torch.load(run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    assert state["loader"]["consumed_samples"] == (4 + 2) * 2 * 4
+    # Averaging the last 2 checkpoints = the mean of their weights.
+    from pretrain.export import export
+
+    export(str(run), str(tmp_path / "avg"), average=2)
+    avg = BartForConditionalGeneration.from_pretrained(tmp_path / "avg").state_dict()
+    a, b = (torch.load(run / "checkpoints" / t / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"] for t in ("step_00000002", "step_00000004"))
+    for k in ("model.shared.weight", "model.decoder.layers.1.fc2.weight", "model.encoder.layers.0.self_attn.q_proj.bias"):
+        torch.testing.assert_close(avg[k], (a[k].double() + b[k].double()).div(2).float())
+    with pytest.raises(ValueError, match="only 2 complete checkpoints"):
+        export(str(run), str(tmp_path / "avg3"), average=3)
+    # Too many non-finite losses stop the run with a clear error.
+    proc = torchrun("pretrain/train.py", ["--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir",
+                                          str(tmp_path / "bad"), "--run.max_steps", "6", "--run.max_nonfinite", "2",
+                                          "--run.nan_at_steps", "[1, 2, 3]"], check=False)
+    assert proc.returncode != 0 and "non-finite losses: stopping" in proc.stderr + proc.stdout
