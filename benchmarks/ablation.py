@@ -1,7 +1,7 @@
 """The paper's NMT ablation (Table 6), iteration curve (Figure 4) and token repetition (Table 3),
 plus the Multi-Task NAT baseline, trained from scratch on the same data with the same budget.
 
-    python -m benchmarks.ablation                         # small CPU run on German-English pairs (~40 min, 2 cores)
+    python -m benchmarks.ablation                         # small CPU run on German-English pairs (~45 min, 2 cores)
     python -m benchmarks.ablation --steps 2000 --arch transformer_iwslt_de_en --data-dir data/iwslt14 ...
 
 Systems (``--systems``, comma-separated; default all): AR, CMLM, AUX, AR+NAR, AR+NAR+KL (paper
@@ -17,7 +17,7 @@ first (T + 1 decoder passes, top-5 lengths).
 Data: without ``--data-dir``, full-sentence German-English pairs from Debian's ``trans-de-en``
 dictionary (``/usr/share/trans/de-en``, ``de :: en`` lines whose ``|``-separated parts align); the
 set-up installs the package with apt-get when it is missing (root), keeps example sentences only
-(capitalised, ending in . ! ?, >= 3 words, no ``;``/``/``/brackets, at most ``--max-words``),
+(capitalised, ending in . ! ?, >= 3 words, no ``;``/``/``/brackets, at most ``--max-words`` (10) words),
 de-duplicates both sides, shuffles with a fixed seed and splits test/valid/train. The text is
 written under ``--out`` and never committed.
 
@@ -142,6 +142,8 @@ def run_flags(args, data_dir: Path, tok_dir: Path, save_dir: Path, seed: int) ->
 def launch(flags: list[str], nproc: int, log: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's JIT ops: a cache per Python environment, so two venvs never rebuild over each other.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "finetune/nmt.py", *flags]
     with open(log, "w") as f:
@@ -291,27 +293,27 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--data-dir", help="existing {train,valid,test}.{de,en} (default: build from trans-de-en)")
     p.add_argument("--dict-file", default=TRANS_FILE, help="trans-style dictionary to extract sentence pairs from")
-    p.add_argument("--max-words", type=int, default=15, help="longest sentence kept (words, each side)")
+    p.add_argument("--max-words", type=int, default=10, help="longest sentence kept (words, each side)")
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--valid-size", type=int, default=100)
     p.add_argument("--max-train", type=int, default=0, help="cap on training pairs (0 = all)")
-    p.add_argument("--vocab-size", type=int, default=3000, help="joint BPE size")
+    p.add_argument("--vocab-size", type=int, default=2000, help="joint BPE size")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--key-systems", default="JANUS-paper,CMLM", help="systems run with every --key-seeds seed")
     p.add_argument("--key-seeds", default="1,2")
     p.add_argument("--arch", default="cpu_small")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", dest="d_model", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--micro-batch", type=int, default=32, help="sentences per rank and step")
     p.add_argument("--nproc", type=int, default=2, help="ranks (1 = in this process, no launcher)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=80)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoints-per-run", type=int, default=20, help="save every steps/this (last 5 averaged)")
-    p.add_argument("--max-len", type=int, default=48, help="BPE tokens per side incl. <s> </s>")
+    p.add_argument("--max-len", type=int, default=40, help="BPE tokens per side incl. <s> </s>")
     p.add_argument("--masking", default="cmlm", choices=["cmlm", "span"])
     p.add_argument("--iterations", default="1,4,10")
     args = p.parse_args(argv)
