@@ -9,6 +9,11 @@ last line with ms/sample per setting and the speedups ``speedup_T{T}`` = AR / NA
 
     python -m benchmarks.decode_latency                      # bart-base dims, source 512, target 64
     python -m benchmarks.decode_latency --dims small --samples 2
+
+Quality + speed of every decoding option on a trained model (e.g. a finetune or NMT run's
+export): ``--model DIR --src FILE --ref FILE --task nmt|xsum|...`` decodes the file with AR
+beam 5 and mask-predict at each T, with and without length-candidate pruning and with the
+fairseq length-offset variant, and reports the task metric and batch-1 ms/sample for each.
 """
 from __future__ import annotations
 
@@ -44,6 +49,42 @@ def timed(fn, repeats: int) -> float:
     return 1000 * (time.perf_counter() - t) / repeats
 
 
+def quality_and_speed(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from finetune.data import read_lines
+    from finetune.generate import decode_lines, latency_ms
+    from janus.metrics import evaluate
+
+    model = JanusBart.from_bart(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    sources, refs = read_lines(args.src), read_lines(args.ref)
+    if args.limit:
+        sources, refs = sources[:args.limit], refs[:args.limit]
+    probe = sources[:args.samples]
+    options = [("ar_beam5", "ar", {})]
+    if model.length_head is not None:
+        for T in (int(t) for t in args.iterations.split(",")):
+            options.append((f"nar_T{T}", "nar", dict(iterations=T)))
+            if T:
+                options.append((f"nar_T{T}_pruned", "nar", dict(iterations=T, prune_after=1)))
+            options.append((f"nar_T{T}_offsets", "nar", dict(iterations=T, length_offsets=True)))
+    result = {"model": args.model, "task": args.task, "n": len(sources), "timed_sources": len(probe)}
+    for name, mode, nar_kw in options:
+        kw = dict(mode=mode, max_source_length=args.source_len, beam=BeamConfig(beam=5, max_len=args.target_len),
+                  nar=MaskPredictConfig(max_len=args.target_len, length_candidates=args.candidates, **nar_kw))
+        hyps = decode_lines(model, tok, sources, batch_size=32, **kw)
+        scores = evaluate(args.task, hyps, refs)
+        metric = scores.get("bleu", scores.get("overall"))
+        result[name] = {"metric": metric, "repetition": scores["repetition"],
+                        "ms_per_sample": latency_ms(model, tok, probe, 1, **kw)}
+        print(json.dumps({name: result[name]}), flush=True)
+    ar_ms = result["ar_beam5"]["ms_per_sample"]
+    for name, _, _ in options[1:]:
+        result[name]["speedup"] = ar_ms / result[name]["ms_per_sample"]
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", choices=list(DIMS), default="bart-base")
@@ -53,8 +94,19 @@ def main(argv=None) -> dict:
     p.add_argument("--iterations", default="0,1,4,10")
     p.add_argument("--candidates", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--model", help="trained model folder (with tokenizer): quality + speed of every option")
+    p.add_argument("--src", help="with --model: source file")
+    p.add_argument("--ref", help="with --model: reference file")
+    p.add_argument("--task", default="nmt", help="with --model: metric family (nmt -> BLEU, else OVERALL)")
+    p.add_argument("--limit", type=int, default=0, help="with --model: first N lines only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.model:
+        if not (args.src and args.ref):
+            p.error("--model needs --src and --ref")
+        result = quality_and_speed(args)
+        print(json.dumps(result))
+        return result
     model = build(args.dims, args.target_len, args.source_len)
     vocab = model.config.vocab_size
     x = torch.randint(4, vocab - 1, (1, args.source_len), generator=torch.Generator().manual_seed(1))
