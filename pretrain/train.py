@@ -13,6 +13,7 @@ them first. Checkpoints, TensorBoard logs and metrics.jsonl go to --run.save_dir
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
+    epochs: float | None = field(default=None, metadata={"help": "train this many passes over the shards "
+                                                                 "(sets run.max_steps; the paper: 2)"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(shards_dir=""))
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -98,8 +101,8 @@ def main(argv=None) -> dict:
     cfg = config_from_args(PretrainConfig, parser.parse_args(argv))
     if not cfg.data.shards_dir:
         parser.error("--data.shards_dir is required (build shards with python -m data_pipeline.build)")
+    manifest = read_manifest(cfg.data.shards_dir)  # fail fast, before any process-group set-up
     rank, world, _ = init_distributed()
-    manifest = read_manifest(cfg.data.shards_dir)
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank and every run
     model = build_model(cfg.model, manifest["tokenizer"])
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, objective "
@@ -110,6 +113,12 @@ def main(argv=None) -> dict:
 
         micro = resolve_ds_config(cfg.run, cfg.optim, world)["train_micro_batch_size_per_gpu"]
     loader = build_pretrain_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=micro)
+    if cfg.epochs is not None:
+        from janus.engine import resolve_ds_config
+
+        accum = resolve_ds_config(cfg.run, cfg.optim, world)["gradient_accumulation_steps"]
+        cfg.run.max_steps = max(1, math.ceil(cfg.epochs * loader.num_blocks / (micro * accum * world)))
+        print0(f"{cfg.epochs} epochs of {loader.num_blocks} blocks = {cfg.run.max_steps} steps")
     meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "tokenizer": manifest["tokenizer"],
             "tokenizer_dir": os.path.join(os.path.abspath(str(cfg.data.shards_dir)), "tokenizer")}
     return train(cfg.run, cfg.optim, model, loader, janus_loss_fn(cfg.objective), meta, to_dict(cfg))

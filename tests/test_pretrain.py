@@ -93,7 +93,10 @@ def test_interrupted_save_is_survived_and_tensorboard_has_scalars(shards, tmp_pa
 @pytest.mark.slow
 def test_world_size_change_is_a_clear_error(shards, tmp_path):
     run = tmp_path / "run"
-    pretrain(shards, run, 2, "--run.max_steps", "2", "--run.save_every", "2")
+    blocks = json.loads((shards / "manifest.json").read_text())["totals"]["blocks"]
+    epochs = 12 / blocks  # 12 samples = 1.5 global batches of 2 x 4 -> 2 steps
+    first = pretrain(shards, run, 2, "--epochs", str(epochs), "--run.max_steps", "999", "--run.save_every", "2")
+    assert "= 2 steps" in first.stdout and sorted(read_metrics(run)) == [1, 2]
     proc = pretrain(shards, run, 2, "--run.max_steps", "4", check=False)
     assert proc.returncode == 0  # same world size resumes
     proc = torchrun("pretrain/train.py", ["--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir",
@@ -196,3 +199,12 @@ def test_deepspeed_launcher_nonfinite_guard_and_checkpoint_averaging(shards, tmp
                                           str(tmp_path / "bad"), "--run.max_steps", "6", "--run.max_nonfinite", "2",
                                           "--run.nan_at_steps", "[1, 2, 3]"], check=False)
     assert proc.returncode != 0 and "non-finite losses: stopping" in proc.stderr + proc.stdout
+
+
+def test_missing_shards_is_a_clear_error(tmp_path):
+    from pretrain.train import main
+
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        main(["--data.shards_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):
+        main([])  # --data.shards_dir is required
