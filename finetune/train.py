@@ -162,7 +162,22 @@ def main(argv=None) -> dict:
     nar_cfg = MaskPredictConfig(iterations=cfg.eval.iterations, length_candidates=cfg.eval.length_candidates,
                                 max_len=max_tgt)
 
+    zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
+
     def evaluate(module: JanusBart, step: int) -> dict:
+        if not zero3:
+            return evaluate_full(module, step)
+        import deepspeed
+
+        # ZeRO-3 partitions the weights (and its hooks re-partition them after every forward):
+        # gather them once into a plain copy on every rank, then decode and export that.
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = module.full_state()
+        plain = JanusBart(module.config, mask_token_id=module.mask_token_id, length_classes=module.length_classes)
+        plain.load_state_dict(state)
+        return evaluate_full(plain.to(next(iter(state.values())).device).eval(), step)
+
+    def evaluate_full(module: JanusBart, step: int) -> dict:
         """Each rank decodes a slice of dev; rank 0 scores; the best model is exported."""
         share = list(range(rank, len(dev_src), world))
         hyps = decode_lines(module, tokenizer, [dev_src[i] for i in share], mode=cfg.mode,

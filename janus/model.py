@@ -156,10 +156,17 @@ class JanusBart(nn.Module):
             state = torch.load(os.path.join(path, JANUS_EXTRAS_FILE), map_location="cpu", weights_only=True)
             self.length_head.load_state_dict({k.removeprefix("length_head."): v for k, v in state.items()})
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Parameters (every tied name) and buffers as plain tensors. Unlike ``state_dict()``, this
+        sees full weights inside ``deepspeed.zero.GatheredParameters`` under ZeRO-3."""
+        state = {k: p.detach().clone() for k, p in self.named_parameters(remove_duplicate=False)}
+        state.update({k: b.detach().clone() for k, b in self.named_buffers()})
+        return state
+
     def to_hf(self) -> BartForConditionalGeneration:
         """A ``BartForConditionalGeneration`` holding copies of this model's BART weights."""
         hf = BartForConditionalGeneration(self.config)
-        bart_state = {k: v for k, v in self.state_dict().items() if not k.startswith("length_head.")}
+        bart_state = {k: v for k, v in self.full_state().items() if not k.startswith("length_head.")}
         missing, unexpected = hf.load_state_dict(bart_state, strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
@@ -173,7 +180,7 @@ class JanusBart(nn.Module):
         with open(os.path.join(path, JANUS_CONFIG_FILE), "w") as f:
             json.dump(self.janus_config(), f, indent=2)
         if self.length_head is not None:
-            state = {f"length_head.{k}": v.detach().cpu() for k, v in self.length_head.state_dict().items()}
+            state = {k: v.cpu() for k, v in self.full_state().items() if k.startswith("length_head.")}
             torch.save(state, os.path.join(path, JANUS_EXTRAS_FILE))
 
     # ------------------------------------------------------------------ encoder side

@@ -56,11 +56,11 @@ def losses(save):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ar", "nar"])
-def test_finetune_decode_and_evaluate(base_model, tmp_path, mode):
+@pytest.mark.parametrize("mode,stage", [("ar", 2), ("nar", 3)])
+def test_finetune_decode_and_evaluate(base_model, tmp_path, mode, stage):
     task = write_task(tmp_path / "task")
     save = tmp_path / "run"
-    finetune(base_model, task, save, mode)
+    finetune(base_model, task, save, mode, extra=("--run.deepspeed_config", f"ds_configs/zero{stage}_fp32_cpu.json"))
     rows = losses(save)
     main = "loss/ar" if mode == "ar" else "loss/nar"
     assert rows[-1][main] < 0.7 * rows[0][main]
@@ -71,6 +71,9 @@ def test_finetune_decode_and_evaluate(base_model, tmp_path, mode):
     best = save / "best"
     scores = json.loads((best / "dev_scores.json").read_text())
     assert scores["score"] == max(e["score"] for e in evals)
+    # The exported best model holds real (not ZeRO-partitioned, empty) weights.
+    exported = JanusBart.from_bart(str(best))
+    assert exported.model.shared.weight.shape[0] > 100 and exported.model.shared.weight.abs().sum() > 0
     hyp = tmp_path / "test.hyp"
     args = ["--model", str(best), "--src", str(task / "test.src"), "--out", str(hyp), "--mode", mode,
             "--max-len", "16", "--batch-size", "8"]
