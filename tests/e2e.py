@@ -57,3 +57,37 @@ def read_metrics(save_dir: Path) -> dict[int, dict]:
             row = json.loads(line)
             rows[row["step"]] = row
     return rows
+
+
+def write_copy_task(path: Path, n_train: int = 400, n_dev: int = 16, seed: int = 0) -> Path:
+    """A GLGE-format task: the summary is the first four words of the source."""
+    rng = random.Random(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_dev)):
+        src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) for _ in range(n)]
+        (path / f"{split}.src").write_text("\n".join(src) + "\n")
+        (path / f"{split}.tgt").write_text("\n".join(" ".join(s.split()[:4]) for s in src) + "\n")
+    return path
+
+
+def make_base_model(tmp: Path) -> Path:
+    """A tiny random BART-JANUS HF folder with the tokenizer of tiny shards (a finetuning start)."""
+    import shutil
+
+    import torch
+    from transformers import BartConfig
+
+    from janus.model import JanusBart
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    shards = build_shards(tmp)
+    tok = json.loads((shards / "manifest.json").read_text())["tokenizer"]
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=tok["vocab_size"], d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, max_position_embeddings=128)
+    out = tmp / "base"
+    JanusBart(config, mask_token_id=tok["mask_id"]).save_pretrained(str(out))
+    for f in (shards / "tokenizer").iterdir():
+        shutil.copy(f, out / f.name)
+    return out

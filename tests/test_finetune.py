@@ -1,45 +1,20 @@
 """Finetuning (AR and NAR) end to end on 2 CPU ranks, decoding, evaluation, data errors."""
 import json
-import random
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import BartConfig
 
-from e2e import REPO, WORDS, build_shards, launch_env, torchrun
+from e2e import REPO, launch_env, make_base_model, torchrun, write_copy_task
 from finetune.data import DataFormatError, cmlm_mask, read_split
 from janus.model import JanusBart
 
 
-def write_task(path, n_train=400, n_dev=16, seed=0):
-    """Summarise = copy the first four words of the source."""
-    rng = random.Random(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_dev)):
-        src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) for _ in range(n)]
-        (path / f"{split}.src").write_text("\n".join(src) + "\n")
-        (path / f"{split}.tgt").write_text("\n".join(" ".join(s.split()[:4]) for s in src) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("finetune_base")
-    shards = build_shards(tmp)
-    manifest = json.loads((shards / "manifest.json").read_text())["tokenizer"]
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=manifest["vocab_size"], d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                        decoder_ffn_dim=128, max_position_embeddings=128)
-    out = tmp / "base"
-    JanusBart(config, mask_token_id=manifest["mask_id"]).save_pretrained(str(out))
-    for f in (shards / "tokenizer").iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return make_base_model(tmp_path_factory.mktemp("finetune_base"))
 
 
 def finetune(base, task, save, mode, steps=40, extra=()):
@@ -58,7 +33,7 @@ def losses(save):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,stage", [("ar", 2), ("nar", 3)])
 def test_finetune_decode_and_evaluate(base_model, tmp_path, mode, stage):
-    task = write_task(tmp_path / "task")
+    task = write_copy_task(tmp_path / "task")
     save = tmp_path / "run"
     finetune(base_model, task, save, mode, extra=("--run.deepspeed_config", f"ds_configs/zero{stage}_fp32_cpu.json"))
     rows = losses(save)

@@ -199,3 +199,27 @@ def test_sbatch_pretrain_trains_checkpoints_resumes_and_requeues_on_usr1(cluster
     assert all(math.isfinite(r["loss/total"]) for r in rows)
     assert rows[-1]["loss/total"] < rows[0]["loss/total"]
     assert _complete(save) == [2, 4, *stops, 50]
+
+
+@pytest.mark.slow
+def test_sbatch_finetune_trains_evaluates_and_exports(cluster, tmp_path):
+    from e2e import make_base_model, write_copy_task
+
+    base = make_base_model(tmp_path / "base")
+    task = write_copy_task(tmp_path / "task", n_train=200)
+    save, out = tmp_path / "ft", tmp_path / "ft.out"
+    env = cluster.env()
+    env.update(DEVICE="cpu", NPROC_PER_NODE="2", CONFIG="finetune/configs/tiny_cpu.json", SAVE_DIR=str(save),
+               PYTHON=sys.executable)
+    cmd = ["sbatch", "--wait", "--job-name=ft", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=5",
+           f"--output={out}", "slurm/finetune.sh", "--model.init_from", str(base), "--data.dir", str(task),
+           "--mode", "nar", "--run.max_steps", "10", "--run.eval_every", "5"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = _finish(proc, cluster, out)
+    assert "xsum nar: 10 steps" in log
+    rows = _metric_rows(save)
+    assert [r["step"] for r in rows] == [5, 10] and all(math.isfinite(r["loss/nar"]) for r in rows)
+    assert _complete(save) == [10]
+    evals = [json.loads(line) for line in (save / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [5, 10]
+    assert (save / "best" / "janus_extras.pt").exists()  # the NAR length head is exported with the model
