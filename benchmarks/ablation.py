@@ -171,16 +171,78 @@ def run_one(args, name: str, seed: int, data_dir: Path, tok_dir: Path) -> dict:
     flags = run_flags(args, data_dir, tok_dir, save, seed) + SYSTEMS[name] + ["--name", name]
     stamp = save / "ablation_flags.json"
     if (save / "results.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == flags:
-        return json.loads((save / "results.json").read_text())  # finished earlier with the same settings
+        result = json.loads((save / "results.json").read_text())  # finished earlier with the same settings
+        if "heldout_nll" in result:
+            return result
+        return _add_losses(result, save, data_dir, args)
     if save.exists():
         shutil.rmtree(save)
     save.mkdir(parents=True)
     t = time.perf_counter()
     result = launch(flags, args.nproc, save / "train.log") if args.nproc > 1 else in_process(flags, save / "train.log")
     result["wall_seconds_total"] = time.perf_counter() - t
-    (save / "results.json").write_text(json.dumps(result, indent=2))
     stamp.write_text(json.dumps(flags))
+    return _add_losses(result, save, data_dir, args)
+
+
+def _add_losses(result: dict, save: Path, data_dir: Path, args) -> dict:
+    modes = result.get("bleu", {})
+    result["train_loss"] = final_train_losses(save)
+    result["heldout_nll"] = heldout_nll(save / "final", data_dir, "test", args.max_len,
+                                        ar=any(m.startswith("ar") for m in modes),
+                                        nar=any(m.startswith("nar") for m in modes))
+    (save / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+# ------------------------------------------------------------------------------------------ held-out NLL
+def heldout_nll(final_dir: Path, data_dir: Path, split: str, max_len: int, ar: bool, nar: bool,
+                batch_size: int = 100, mask_seed: int = 12345) -> dict:
+    """Per-token test NLL (no label smoothing) of the averaged model: ``ar`` = the AR pattern on every
+    target token, ``nar`` = the NAR pattern on the masked tokens of one fixed set of CMLM masks (the same
+    masks for every system). A far less noisy measure than BLEU when models are this small."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from data_pipeline.collate import pad_batch
+    from finetune.data import cmlm_mask, read_lines, tokenize
+    from janus.model import JanusBart
+    from janus.objectives import KL_TERMS, ObjectiveConfig
+
+    model = JanusBart.from_bart(str(final_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(final_dir))
+    src = tokenize(tok, read_lines(str(data_dir / f"{split}.de")), max_len, "src")
+    tgt = tokenize(tok, read_lines(str(data_dir / f"{split}.en")), max_len, "tgt")
+    objective = ObjectiveConfig(ar=float(ar), nar=float(nar), aux=0.0, **{k: 0.0 for k in KL_TERMS},
+                                label_smoothing=0.0, reduction="sum")
+    sums = {"ar": 0.0, "nar": 0.0, "n_tokens": 0.0, "n_masked": 0.0}
+    with torch.no_grad():
+        for start in range(0, len(src), batch_size):
+            ids = np.arange(start, min(start + batch_size, len(src)))
+            x, xv = pad_batch([src.get(i) for i in ids], tok.pad_token_id, np.int64)
+            y, yv = pad_batch([tgt.get(i) for i in ids], tok.pad_token_id, np.int64)
+            dm = cmlm_mask(yv.sum(1), y.shape[1], mask_seed, np.zeros_like(ids), ids)
+            out = model(torch.from_numpy(x), torch.from_numpy(xv.astype(np.int64)), torch.from_numpy(y),
+                        torch.from_numpy(dm), objective=objective)
+            for k in sums:
+                if k in out.losses:
+                    sums[k] += float(out.losses[k])
+    result = {}
+    if ar:
+        result["ar"] = sums["ar"] / sums["n_tokens"]
+    if nar:
+        result["nar"] = sums["nar"] / sums["n_masked"]
+    return result
+
+
+def final_train_losses(save_dir: Path, share: float = 0.25) -> dict:
+    """Mean of each logged loss term over the last ``share`` of training (label-smoothed, as trained)."""
+    rows = [json.loads(line) for line in open(save_dir / "metrics.jsonl")]
+    last = rows[-1]["step"]
+    tail = [r for r in rows if r["step"] > (1 - share) * last] or rows[-1:]
+    keys = [k for k in tail[-1] if k.startswith("loss/") and k != "loss/lambda"]
+    return {k[5:]: statistics.fmean(r[k] for r in tail if k in r) for k in keys}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -201,6 +263,10 @@ def aggregate(results: dict[str, list[dict]]) -> dict:
             "seeds": [r["seed"] for r in runs],
             "bleu": {m: _stats([r["bleu"][m] for r in runs if m in r["bleu"]]) for m in modes},
             "repetition": {m: _stats([r["repetition"][m] for r in runs if m in r["repetition"]]) for m in modes},
+            "heldout_nll": {m: _stats([r["heldout_nll"][m] for r in runs if m in r.get("heldout_nll", {})])
+                            for m in ("ar", "nar") if any(m in r.get("heldout_nll", {}) for r in runs)},
+            "train_loss": {k: _stats([r["train_loss"][k] for r in runs if k in r.get("train_loss", {})])
+                           for k in sorted({k for r in runs for k in r.get("train_loss", {})})},
             "step_seconds": _stats([r["train"]["median_step_seconds"] for r in runs]),
             "tokens_per_step": runs[0]["train"].get("tokens_per_step"),
             "parameters": runs[0].get("parameters"),
@@ -240,6 +306,16 @@ def markdown(table: dict, meta: dict, iterations: list[int]) -> str:
         ar = next((v for k, v in b.items() if k.startswith("ar")), None)
         lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {_fmt(ar)} | "
                      + " | ".join(_fmt(b.get(f"nar_T{t}")) for t in iterations) + " |")
+    lines += ["", "## Test NLL per BPE token (no label smoothing; lower is better)", "",
+              "AR = the AR pattern on every target token; NAR = the NAR pattern on the masked tokens of one fixed "
+              "set of CMLM masks (identical for every system). Last column: training losses (label-smoothed) "
+              "averaged over the last quarter of training.", "",
+              "| system | AR NLL | NAR NLL | final train losses |", "|---|---|---|---|"]
+    for name, row in table.items():
+        nll = row.get("heldout_nll", {})
+        losses = ", ".join(f"{k} {v['mean']:.3f}" for k, v in row.get("train_loss", {}).items()
+                           if not k.startswith("kl") and k != "total")
+        lines.append(f"| {name} | {_fmt(nll.get('ar'), 3)} | {_fmt(nll.get('nar'), 3)} | {losses} |")
     lines += ["", "## Token repetition (% of output tokens equal to the previous one)", "",
               "| system | AR beam 5 | " + " | ".join(f"NAR T={t}" for t in iterations) + " |",
               "|---|---|" + "---|" * len(iterations)]
@@ -339,7 +415,8 @@ def main(argv=None) -> dict:
         data_dir = out / "data"
         pairs = extract_pairs(dict_file, args.max_words)
         splits = write_splits(pairs, data_dir, args.test_size, args.valid_size, args.max_train)
-        source = f"{dict_file} (Debian trans-de-en), {len(pairs)} sentence pairs of <= {args.max_words} words"
+        origin = " (Debian trans-de-en)" if dict_file == TRANS_FILE else ""
+        source = f"{dict_file}{origin}, {len(pairs)} sentence pairs of <= {args.max_words} words"
     print(f"data: {source}; splits {splits}", flush=True)
     tok_dir = out / "bpe"
     from finetune.data import read_lines
@@ -373,6 +450,8 @@ def main(argv=None) -> dict:
     summary = {"out": str(out), "elapsed_seconds": round(time.perf_counter() - t_start, 1),
                "signature": meta.get("signature"),
                "bleu": {n: {m: round(s["mean"], 2) for m, s in row["bleu"].items()} for n, row in table.items()},
+               "heldout_nll": {n: {m: round(s["mean"], 3) for m, s in row.get("heldout_nll", {}).items()}
+                               for n, row in table.items()},
                "step_time_vs_ar": {n: (round(row["step_time_vs_ar"], 2) if row["step_time_vs_ar"] else None)
                                    for n, row in table.items()},
                "files": [str(out / f) for f in ("ablation.json", "ablation.md", "bleu_vs_iterations.png")]}
