@@ -351,7 +351,7 @@ def plot(table: dict, iterations: list[int], path: Path) -> None:
         ar = next((v for k, v in table.get(name, {}).get("bleu", {}).items() if k.startswith("ar")), None)
         if ar:
             ax.axhline(ar["mean"], linestyle="--", linewidth=1, color="grey" if name == "AR" else "black",
-                       label=f"{name} AR beam 5")
+                       label=f"{name}: AR beam 5")
     ax.set_xlabel("mask-predict iterations T (refinement passes after the first)")
     ax.set_ylabel("test BLEU")
     ax.set_xticks(iterations)
