@@ -202,3 +202,24 @@ def test_nmt_janus_and_multitask_nat_train_on_two_ranks(tmp_path):
 
     saved = load_file(str(mt / "final" / "model.safetensors"))
     assert saved and not any(k.startswith(("at.", "nat.")) for k in saved)
+
+
+def test_span_masked_batches_train_every_pattern(tmp_path):
+    from finetune.data import PairBatches, tokenize
+    from finetune.nmt import NMTConfig, bart_config
+
+    tok = train_joint_bpe(GERMAN * 20, ENGLISH * 20, 400, str(tmp_path / "bpe"))
+    src, tgt = tokenize(tok, GERMAN, 32, "src"), tokenize(tok, ENGLISH, 32, "tgt")
+    data = PairBatches(src, tgt, tok.pad_token_id, 0, True, 32, masker="span")
+    batch = data[np.array([[0, 0, 0], [0, 2, 4]])]
+    valid = batch["labels"].ne(tok.pad_token_id)
+    assert (batch["decoder_mask"] <= valid).all() and (batch["decoder_mask"].sum(1) >= 1).all()
+    assert torch.equal(batch["length_targets"], valid.sum(1))
+    with pytest.raises(ValueError, match="masking"):
+        PairBatches(src, tgt, tok.pad_token_id, 0, True, 32, masker="poisson")
+    cfg = NMTConfig(model=NMTModelConfig(arch="tiny"))
+    torch.manual_seed(0)
+    model = JanusBart(bart_config(cfg, tok), mask_token_id=tok.mask_token_id, length_classes=33)
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decoder_mask"],
+                objective=ObjectiveConfig.from_preset("paper"), length_targets=batch["length_targets"])
+    assert torch.isfinite(out.loss) and {"ar", "nar", "aux", "length"} <= set(out.losses)
