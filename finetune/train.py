@@ -33,8 +33,8 @@ from finetune.generate import decode_lines
 from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
-from janus.distributed import device, init_distributed, is_rank0, print0
-from janus.engine import OptimConfig, RunConfig, train
+from janus.distributed import init_distributed, is_rank0, print0
+from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import evaluate as score_task
 from janus.model import JanusBart
 from janus.objectives import PRESETS, ObjectiveConfig
@@ -97,7 +97,7 @@ class FinetuneConfig:
 
 def mode_defaults(values: dict) -> dict:
     """The paper's per-mode settings, under whatever the user set explicitly."""
-    d = MODE_DEFAULTS[values.get("mode", "ar")] if values.get("mode", "ar") in MODE_DEFAULTS else MODE_DEFAULTS["ar"]
+    d = MODE_DEFAULTS.get(values.get("mode", "ar"), MODE_DEFAULTS["ar"])  # a bad mode is reported by the config
     preset = values.get("objective", {}).get("preset", d["objective"])
     return {"optim": dict(d["optim"]), "objective": {**PRESETS.get(preset, {}), "preset": preset}}
 
@@ -132,8 +132,6 @@ def main(argv=None) -> dict:
     dev_src, dev_tgt = read_split(cfg.data.dir, "dev")
     if cfg.eval.samples:
         dev_src, dev_tgt = dev_src[:cfg.eval.samples], dev_tgt[:cfg.eval.samples]
-
-    from janus.engine import resolve_ds_config
 
     ds = resolve_ds_config(cfg.run, cfg.optim, world)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]

@@ -27,7 +27,7 @@ from transformers import BartConfig
 from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.distributed import init_distributed, print0
-from janus.engine import OptimConfig, RunConfig, train
+from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
 
@@ -107,16 +107,10 @@ def main(argv=None) -> dict:
     model = build_model(cfg.model, manifest["tokenizer"])
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, objective "
            f"{cfg.objective.preset} ({', '.join(cfg.objective.patterns())}), world size {world}")
-    micro = cfg.run.micro_batch_size
-    if micro is None:
-        from janus.engine import resolve_ds_config
-
-        micro = resolve_ds_config(cfg.run, cfg.optim, world)["train_micro_batch_size_per_gpu"]
+    ds = resolve_ds_config(cfg.run, cfg.optim, world)  # batch sizes, validated (the engine checks again)
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     loader = build_pretrain_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=micro)
     if cfg.epochs is not None:
-        from janus.engine import resolve_ds_config
-
-        accum = resolve_ds_config(cfg.run, cfg.optim, world)["gradient_accumulation_steps"]
         cfg.run.max_steps = max(1, math.ceil(cfg.epochs * loader.num_blocks / (micro * accum * world)))
         print0(f"{cfg.epochs} epochs of {loader.num_blocks} blocks = {cfg.run.max_steps} steps")
     meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "tokenizer": manifest["tokenizer"],

@@ -1,5 +1,4 @@
 """Loader: determinism, exact resume, disjoint rank slices, world-size change, batch layout."""
-import numpy as np
 import pytest
 import torch
 

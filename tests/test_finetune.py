@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from e2e import REPO, launch_env, make_base_model, torchrun, write_copy_task
 from finetune.data import DataFormatError, cmlm_mask, read_split
