@@ -1,11 +1,18 @@
-"""A small XSum-style GLGE task from the embedded demo corpus.
+"""Small GLGE-format tasks from the embedded demo corpus.
 
-The demo Wikipedia articles and news stories are cut into runs of up to 8 sentences; each
-run with at least three sentences becomes one sample: its first sentence is the summary
-(``.tgt``), the rest the article (``.src``). Written as ``{train,dev,test}.{src,tgt}``,
-deterministic.
+``--kind xsum`` (default): the demo Wikipedia articles and news stories are cut into runs of
+up to 8 sentences; each run with at least three sentences becomes one sample: its first
+sentence is the summary (``.tgt``), the rest the article (``.src``).
+
+``--kind lead``: every pair of consecutive sentences is a source and its first sentence (4-20
+words) the target. A small model learns it in minutes, to a high score, while the output
+length must still be predicted: a testbed where decoding options (length
+candidates, pruning, iterations, dtype) show real quality differences.
+
+Written as ``{train,dev,test}.{src,tgt}``, deterministic.
 
     python -m finetune.make_demo_task --out runs/demo/task
+    python -m finetune.make_demo_task --out runs/lead --kind lead
 """
 from __future__ import annotations
 
@@ -21,23 +28,29 @@ from data_pipeline.sources import Skips
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 
-def samples(cache_dir: Path, max_source_words: int = 200) -> list[tuple[str, str]]:
+def samples(cache_dir: Path, kind: str = "xsum", max_source_words: int = 200) -> list[tuple[str, str]]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}: choose from {KINDS}")
     out = []
     skips = Skips(verbose=False)
     for part in ("wiki", "news"):
         for doc in demo_documents(part, cache_dir, skips):
             sentences = [s.strip() for s in SENTENCE_END.split(" ".join(doc.text.split())) if s.strip()]
-            for start in range(0, len(sentences), 8):
-                run = sentences[start:start + 8]
-                if len(run) < 3 or not 4 <= len(run[0].split()) <= 40:
+            step, size, rest, most = (8, 8, slice(1, None), 40) if kind == "xsum" else (1, 2, slice(0, None), 20)
+            for start in range(0, len(sentences), step):
+                run = sentences[start:start + size]
+                if len(run) < min(size, 3) or not 4 <= len(run[0].split()) <= most:
                     continue
-                source = " ".join(" ".join(run[1:]).split()[:max_source_words])
+                source = " ".join(" ".join(run[rest]).split()[:max_source_words])
                 out.append((source, run[0]))
     return out
 
 
-def write_task(out_dir: str, cache_dir: Path | None = None, dev: int = 60, test: int = 60) -> dict:
-    pairs = samples(cache_dir or default_cache_dir())
+KINDS = ("xsum", "lead")
+
+
+def write_task(out_dir: str, cache_dir: Path | None = None, dev: int = 60, test: int = 60, kind: str = "xsum") -> dict:
+    pairs = samples(cache_dir or default_cache_dir(), kind)
     # Interleave so that dev/test hold both wiki and news samples.
     order = sorted(range(len(pairs)), key=lambda i: (i * 7919) % len(pairs))
     pairs = [pairs[i] for i in order]
@@ -54,8 +67,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", type=Path, default=None, help="where the gensim wheel is cached")
+    p.add_argument("--kind", choices=KINDS, default="xsum", help="xsum: lead sentence of the rest; lead: copy the lead")
+    p.add_argument("--dev", type=int, default=60, help="dev samples")
+    p.add_argument("--test", type=int, default=60, help="test samples")
     args = p.parse_args(argv)
-    counts = write_task(args.out, args.cache_dir)
+    counts = write_task(args.out, args.cache_dir, args.dev, args.test, args.kind)
     print(json.dumps(counts))
     return counts
 

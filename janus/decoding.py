@@ -170,6 +170,26 @@ def remask_count(lengths: torch.Tensor, p: int, passes: int) -> torch.Tensor:
     return (lengths * (passes - p - 1)) // passes
 
 
+def _predict_masked(model: JanusBart, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                    masked: torch.Tensor, cross: list, cross_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bidirectional decoder pass: the best token and its log-prob at each masked slot (row-major)."""
+    n_masked = masked.sum(1)
+    width = int(n_masked.max())
+    if width == 0:
+        empty = tokens.new_empty(0)
+        return empty, empty.float()
+    # The last layer runs only the masked slots as queries, padded to the most per row (every
+    # slot still supplies keys/values); a stable sort keeps them in position order.
+    slots = (~masked).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+    self_mask = _bidirectional_mask(valid)
+    last_mask = self_mask.gather(2, slots[:, None, :, None].expand(-1, 1, -1, self_mask.shape[-1]))
+    h = model.decoder_layers(model.embed_decoder(tokens, positions), self_mask, cross, cross_mask,
+                             last_rows=slots, last_mask=last_mask, interleaved=True)
+    h = h[torch.arange(width, device=h.device) < n_masked[:, None]]
+    best_lp, best_tok = _never_special(torch.log_softmax(model.logits(h).float(), -1), model).max(-1)
+    return best_tok, best_lp
+
+
 @torch.no_grad()
 def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  cfg: MaskPredictConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +211,8 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
     positions = (torch.arange(L, device=dev) + 1).expand(B * C, L)
     passes = cfg.iterations + 1
     for p in range(passes):
-        h = model.embed_decoder(tokens[rows], positions[rows])
-        h = model.decoder_layers(h, _bidirectional_mask(valid[rows]), cross, cross_mask, interleaved=True)
         m = masked[rows]
-        best_lp, best_tok = _never_special(torch.log_softmax(model.logits(h[m]).float(), -1), model).max(-1)
+        best_tok, best_lp = _predict_masked(model, tokens[rows], positions[rows], valid[rows], m, cross, cross_mask)
         sub_tok, sub_lp = tokens[rows], logp[rows]
         sub_tok[m], sub_lp[m] = best_tok, best_lp
         tokens[rows], logp[rows] = sub_tok, sub_lp

@@ -135,3 +135,32 @@ def test_mask_predict_refinement_matches_a_manual_two_pass_decode():
     expected = torch.where(remask, tok1, tok0)
     assert torch.equal(tokens, expected)
     assert not torch.equal(tok0, expected)  # the second pass changed something
+
+
+def test_decode_latency_benchmark_reports_speedups_and_ceilings():
+    from benchmarks.decode_latency import main
+
+    out = main(["--dims", "small", "--source-len", "24", "--target-len", "6", "--samples", "1",
+                "--iterations", "0,2", "--dtypes", "float32,bfloat16"])
+    for timings in (out, out["bfloat16"]):
+        for key in ("T0", "T2", "T2_pruned"):
+            assert timings[f"nar_{key}_ms"] > 0
+            assert timings[f"speedup_{key}"] == timings["ar_beam5_ms"] / timings[f"nar_{key}_ms"]
+            # The ceiling is an upper bound on the speedup (with slack for timing noise).
+            assert 0 < timings[f"speedup_{key}"] < 2 * timings[f"ceiling_{key}"]
+        # More passes cost more FLOPs: a lower ceiling; pruning to one candidate raises it.
+        assert timings["ceiling_T2"] < timings["ceiling_T0"]
+        assert timings["ceiling_T2_pruned"] > timings["ceiling_T2"]
+
+
+def test_bfloat16_decoding_scores_track_float32():
+    """``generate --dtype bfloat16``: same search, bf16 weights/activations, fp32 log-softmax."""
+    model = make_model(vocab=60, length_classes=20, seed=2).float()
+    x, am = sources(60, seed=4)
+    cfgs = (MaskPredictConfig(iterations=2, max_len=12), BeamConfig(beam=3, max_len=8))
+    ref = [mask_predict(model, x, am, cfgs[0])[1], beam_search(model, x, am, cfgs[1])[1]]
+    model = model.to(torch.bfloat16)
+    got = [mask_predict(model, x, am, cfgs[0])[1], beam_search(model, x, am, cfgs[1])[1]]
+    for r, g in zip(ref, got):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=0.1, rtol=0.05)
