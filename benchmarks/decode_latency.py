@@ -18,8 +18,9 @@ balance (e.g. a GPU, where batch-1 AR is launch-bound), not better NAR code.
 
 Quality + speed of every decoding option on a trained model (e.g. a finetune or NMT run's
 export): ``--model DIR --src FILE --ref FILE --task nmt|xsum|...`` decodes the file with AR
-beam 5 and mask-predict at each T, with and without length-candidate pruning and with the
-fairseq length-offset variant, and reports the task metric and batch-1 ms/sample for each.
+beam 5 and mask-predict at each T, with and without length-candidate pruning (best only, or
+within --prune-margin) and with the fairseq length-offset variant, in each of --dtypes, and
+reports the task metric, repetition and batch-1 ms/sample for each.
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def quality_and_speed(args) -> dict:
             options.append((f"nar_T{T}", "nar", dict(iterations=T)))
             if T:
                 options.append((f"nar_T{T}_pruned", "nar", dict(iterations=T, prune_after=1)))
+                options.append((f"nar_T{T}_pruned_margin", "nar",
+                                dict(iterations=T, prune_after=1, prune_margin=args.prune_margin)))
             options.append((f"nar_T{T}_offsets", "nar", dict(iterations=T, length_offsets=True)))
     result = {"model": args.model, "task": args.task, "n": len(sources), "timed_sources": len(probe)}
     for dtype in args.dtypes.split(","):
@@ -111,6 +114,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ref", help="with --model: reference file")
     p.add_argument("--task", default="nmt", help="with --model: metric family (nmt -> BLEU, else OVERALL)")
     p.add_argument("--limit", type=int, default=0, help="with --model: first N lines only")
+    p.add_argument("--prune-margin", type=float, default=0.1,
+                   help="with --model: the *_pruned_margin options keep lengths within this mean log-prob of the best")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model:

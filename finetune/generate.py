@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--length-candidates", type=int, default=5)
     p.add_argument("--length-offsets", action="store_true", help="NAR: argmax length +- offsets (fairseq)")
     p.add_argument("--prune-after", type=int, default=0, help="NAR: keep only the best length after this many passes")
+    p.add_argument("--prune-margin", type=float, default=0.0,
+                   help="NAR with --prune-after: also keep lengths whose mean log-prob is within this of the best")
     p.add_argument("--latency", action="store_true", help="also time batch 1 and --batch-size (ms/sample)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
                               no_repeat_ngram=args.no_repeat_ngram),
               nar=MaskPredictConfig(iterations=args.iterations, length_candidates=args.length_candidates,
                                     length_offsets=args.length_offsets, max_len=args.max_len,
-                                    prune_after=args.prune_after))
+                                    prune_after=args.prune_after, prune_margin=args.prune_margin))
     t = time.perf_counter()
     hyps = decode_lines(model, tokenizer, sources, batch_size=args.batch_size, show_progress=True, **kw)
     seconds = time.perf_counter() - t

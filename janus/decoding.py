@@ -13,7 +13,8 @@ same way). The first pass predicts every slot of an all-``<mask>`` target; after
 of ``P = T + 1`` the ``floor(N * (P - t) / P)`` lowest-probability tokens are re-masked and
 only those slots are re-predicted (the others keep token and probability). Every length
 candidate of every source is decoded in one batch; the candidate with the highest mean token
-log-probability wins.
+log-probability wins. Optional pruning (``prune_after = k``): after pass k only the candidates
+within ``prune_margin`` of their source's best mean log-prob go on (margin 0: the best only).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class MaskPredictConfig:
     length_candidates: int = 5
     length_offsets: bool = False  # fairseq variant: argmax length + offsets instead of top-k lengths
     max_len: int = 64
-    prune_after: int = 0  # > 0: after this many passes keep only each source's best candidate
+    prune_after: int = 0  # > 0: after this many passes drop the clearly losing length candidates
+    prune_margin: float = 0.0  # ... those whose mean log-prob trails the best by more than this
 
 
 class ARStepper:
@@ -219,9 +221,13 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
         if p == passes - 1:
             break
         if cfg.prune_after and p + 1 == cfg.prune_after and C > 1:
-            mean = (logp * valid).sum(1) / lengths
-            keep = mean.view(B, C).argmax(1) + torch.arange(B, device=dev) * C
-            rows = keep
+            # Every source keeps the same number G of rows (the cross-attention keys/values are
+            # shared per source): its G best; those beyond the margin are decoded but cannot win.
+            mean = ((logp * valid).sum(1) / lengths).view(B, C)
+            alive = mean >= mean.max(1, keepdim=True).values - cfg.prune_margin
+            G = int(alive.sum(1).max())
+            rows = (mean.argsort(dim=1, descending=True, stable=True)[:, :G]
+                    + torch.arange(B, device=dev)[:, None] * C).reshape(-1)
         n = remask_count(lengths[rows], p, passes)
         key = logp[rows].masked_fill(~valid[rows], float("inf"))
         remask = key.argsort(1).argsort(1) < n[:, None]
@@ -230,9 +236,7 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
         tokens[rows] = torch.where(remask, mask_id, tokens[rows])
     mean = ((logp * valid).sum(1) / lengths).view(B, C)
     if cfg.prune_after and C > 1 and cfg.prune_after < passes:
-        alive = torch.zeros(B * C, dtype=torch.bool, device=dev)
-        alive[rows] = True
-        mean = mean.masked_fill(~alive.view(B, C), float("-inf"))
+        mean = mean.masked_fill(~alive, float("-inf"))
     best = mean.argmax(1)
     pick = best + torch.arange(B, device=dev) * C
     return tokens[pick], mean.gather(1, best[:, None]).squeeze(1)

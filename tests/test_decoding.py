@@ -164,3 +164,37 @@ def test_bfloat16_decoding_scores_track_float32():
     for r, g in zip(ref, got):
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
         torch.testing.assert_close(g, r, atol=0.1, rtol=0.05)
+
+
+def test_pruning_keeps_the_first_pass_winner_and_an_infinite_margin_keeps_all():
+    model = make_model(length_classes=20, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # sharper: candidates differ clearly
+    x, am = sources(40, B=4, seed=2)
+    full = mask_predict(model, x, am, MaskPredictConfig(iterations=3, max_len=19))
+    keep_all = mask_predict(model, x, am, MaskPredictConfig(iterations=3, max_len=19, prune_after=1,
+                                                             prune_margin=float("inf")))
+    assert torch.equal(full[0], keep_all[0]) and torch.equal(full[1], keep_all[1])
+    first_pass = mask_predict(model, x, am, MaskPredictConfig(iterations=0, max_len=19))[0]
+    pruned = mask_predict(model, x, am, MaskPredictConfig(iterations=3, max_len=19, prune_after=1))[0]
+    assert torch.equal(pruned.ne(PAD).sum(1), first_pass.ne(PAD).sum(1))
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.2, 0.5, float("inf")])
+def test_margin_pruning_decodes_each_source_as_if_alone(margin):
+    """Sources keep different numbers of candidates within the margin; the batch pads them to a
+    common count, which must not change any source's result."""
+    model = make_model(length_classes=20, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    x, am = sources(40, B=5, seed=3)
+    cfg = MaskPredictConfig(iterations=3, max_len=19, prune_after=1, prune_margin=margin)
+    tokens, scores = mask_predict(model, x, am, cfg)
+    for b in range(5):
+        n = int(am[b].sum())
+        alone_tokens, alone_score = mask_predict(model, x[b:b + 1, :n], am[b:b + 1, :n], cfg)
+        L = alone_tokens.shape[1]
+        assert torch.equal(tokens[b, :L], alone_tokens[0]) and (tokens[b, L:] == PAD).all()
+        torch.testing.assert_close(scores[b], alone_score[0])
