@@ -53,7 +53,7 @@ from finetune.generate import decode_lines
 from janus import checkpoint
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
-from janus.distributed import barrier, init_distributed, is_rank0, print0
+from janus.distributed import barrier, init_distributed, is_rank0, print0, shutdown_distributed
 from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import nmt_bleu, repetition_ratio
 from janus.model import JanusBart
@@ -397,3 +397,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

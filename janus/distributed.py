@@ -55,3 +55,12 @@ def print0(*args, **kwargs) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave together and tear the process group down before interpreter exit: a live gloo
+    group at exit can abort a rank ("terminate called without an active exception") after
+    all its work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -26,7 +26,7 @@ from transformers import BartConfig
 
 from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
 from janus.config import add_config_arguments, config_from_args, to_dict
-from janus.distributed import init_distributed, print0
+from janus.distributed import init_distributed, print0, shutdown_distributed
 from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
@@ -120,3 +120,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()
