@@ -211,6 +211,7 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
     logp = torch.zeros(B * C, L, device=dev)
     masked = valid.clone()
     positions = (torch.arange(L, device=dev) + 1).expand(B * C, L)
+    alive = torch.ones(B, C, dtype=torch.bool, device=dev)  # candidates that may still win
     passes = cfg.iterations + 1
     for p in range(passes):
         m = masked[rows]
@@ -234,9 +235,7 @@ def mask_predict(model: JanusBart, input_ids: torch.Tensor, attention_mask: torc
         masked = torch.zeros_like(masked)
         masked[rows] = remask
         tokens[rows] = torch.where(remask, mask_id, tokens[rows])
-    mean = ((logp * valid).sum(1) / lengths).view(B, C)
-    if cfg.prune_after and C > 1 and cfg.prune_after < passes:
-        mean = mean.masked_fill(~alive, float("-inf"))
+    mean = ((logp * valid).sum(1) / lengths).view(B, C).masked_fill(~alive, float("-inf"))
     best = mean.argmax(1)
     pick = best + torch.arange(B, device=dev) * C
     return tokens[pick], mean.gather(1, best[:, None]).squeeze(1)
