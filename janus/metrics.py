@@ -1,4 +1,4 @@
-"""GLGE evaluation metrics (DESIGN.md §4), one function per metric family.
+"""GLGE evaluation metrics (docs/metrics.md), one function per metric family.
 
 Every function takes plain lists of strings (one hypothesis / reference / source per
 sample) and returns scores on GLGE's 0..100 scale (Distinct included, as in the papers'

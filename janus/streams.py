@@ -18,7 +18,7 @@ Position convention ("true positions", identical to HF BART's decoder): with lab
 ``<mask>``/query that stands for ``t_i`` also sits at position ``i + 1``.
 
 Every token gets three integer attributes (segment, order index ``k``, position); each
-rule of DESIGN.md §2 is then an elementwise comparison of row attributes against column
+rule of docs/attention.md is then an elementwise comparison of row attributes against column
 attributes, giving one boolean mask ``[R, 1, L, L]`` (True = may attend) for all layers
 and heads. No Python loop over samples.
 """
@@ -64,7 +64,7 @@ def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
 
 
 def attention_mask_from_attributes(seg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The DESIGN.md §2 table (plus the AR causal rules) as one broadcast comparison."""
+    """The attention table of docs/attention.md (plus the AR causal rules) as one broadcast comparison."""
     rs, cs = seg[:, :, None], seg[:, None, :]
     rk, ck = k[:, :, None], k[:, None, :]
     row_real = rs != PAD

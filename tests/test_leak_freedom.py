@@ -1,4 +1,4 @@
-"""DESIGN.md §2 leak-freedom, checked by perturbation over random shapes, padding and batches."""
+"""Leak-freedom (docs/attention.md), checked by perturbation over random shapes, padding and batches."""
 import pytest
 import torch
 
