@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 # install torch into .venv yourself before running make (an installed torch is kept).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast system-packages clean
+.PHONY: venv demo test test-fast gpu-check system-packages clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test: venv system-packages
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# On a GPU machine: pretraining (bf16 ZeRO-2/3, kill + resume), finetuning, decoding and the
+# benchmarks on CUDA, one JSON summary (tests/gpu/check.py). Without CUDA it says so and exits 0.
+gpu-check: venv
+	bash tests/gpu/check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

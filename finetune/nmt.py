@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -44,21 +43,21 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the repo im
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.distributed as dist
 from transformers import BartConfig
 
 from data_pipeline.loader import ResumableLoader
 from finetune.data import DECODER_MASKERS, PairBatches, fingerprint, read_pair, tokenize
-from finetune.generate import decode_lines
+from finetune.evaluation import decode_gathered
 from janus import checkpoint
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
-from janus.distributed import barrier, init_distributed, is_rank0, print0, shutdown_distributed
+from janus.distributed import barrier, device, init_distributed, is_rank0, print0, shutdown_distributed
 from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import nmt_bleu, repetition_ratio
 from janus.model import JanusBart
 from janus.multitask_nat import MultiTaskNAT, importance_lambda
 from janus.objectives import PRESETS, ObjectiveConfig
+from janus.steps import JanusLoss, epochs_to_steps
 
 # layers (encoder = decoder), d_model, FFN, heads, dropout, attention dropout, weight decay.
 ARCHS: dict[str, dict] = {
@@ -101,7 +100,7 @@ class NMTDataConfig:
     max_target_length: int = 256
     masking: str = field(default="cmlm", metadata={"help": "decoder masks for NAR/AUX: cmlm | span"})
     seed: int = field(default=0, metadata={"help": "data order and decoder masks"})
-    num_workers: int = 0
+    num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 2 on a GPU, 0 on CPU)"})
 
 
 @dataclass
@@ -240,8 +239,7 @@ def build_model(cfg: NMTConfig, tokenizer) -> JanusBart | MultiTaskNAT:
 
 
 def decode_and_score(model: JanusBart, tokenizer, sources: list[str], refs: list[str], cfg: NMTConfig,
-                     rank: int, world: int, iterations: list[int] | None = None,
-                     modes: tuple[bool, bool] | None = None) -> dict:
+                     iterations: list[int] | None = None, modes: tuple[bool, bool] | None = None) -> dict:
     """Collective: each rank decodes a slice; every rank gets {mode: {bleu, repetition, seconds}}."""
     ar, nar = modes or cfg.decode_modes()
     max_len = cfg.data.max_target_length
@@ -252,28 +250,21 @@ def decode_and_score(model: JanusBart, tokenizer, sources: list[str], refs: list
         for t in (cfg.iteration_list() if iterations is None else iterations):
             settings.append((f"nar_T{t}", "nar", None, MaskPredictConfig(
                 iterations=t, length_candidates=cfg.eval.length_candidates, max_len=max_len)))
-    share = list(range(rank, len(sources), world))
     results: dict = {}
     model.eval()
     for name, mode, beam, mp in settings:
-        t0 = time.perf_counter()
-        hyps = decode_lines(model, tokenizer, [sources[i] for i in share], mode=mode, batch_size=cfg.eval.batch_size,
-                            max_source_length=cfg.data.max_source_length, beam=beam or BeamConfig(),
-                            nar=mp or MaskPredictConfig())
-        seconds = time.perf_counter() - t0
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (list(zip(share, hyps)), seconds))
-        ordered = dict(pair for part, _ in gathered for pair in part)
-        preds = [ordered[i] for i in range(len(sources))]
+        preds, seconds = decode_gathered(model, tokenizer, sources, mode=mode, batch_size=cfg.eval.batch_size,
+                                         max_source_length=cfg.data.max_source_length, beam=beam or BeamConfig(),
+                                         nar=mp or MaskPredictConfig())
         score = nmt_bleu(preds, refs)
         results[name] = {"bleu": score["bleu"], "repetition": repetition_ratio(preds), "signature": score["signature"],
-                         "decode_seconds": max(s for _, s in gathered), "hypotheses": preds}
+                         "decode_seconds": seconds, "hypotheses": preds}
     return results
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(argv)
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.run.dist_timeout_minutes)
     if is_rank0():
         os.makedirs(cfg.run.save_dir, exist_ok=True)
     tok_dir = cfg.data.tokenizer or os.path.join(cfg.run.save_dir, "tokenizer")
@@ -299,7 +290,7 @@ def main(argv=None) -> dict:
     ds = resolve_ds_config(cfg.run, cfg.optim, world)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     if not cfg.run.max_steps:
-        cfg.run.max_steps = max(1, math.ceil(cfg.epochs * len(src) / (micro * accum * world)))
+        cfg.run.max_steps = epochs_to_steps(cfg.epochs, len(src), micro * accum * world)
     needs_mask = "nar" in cfg.patterns() or "aux" in cfg.patterns()
     dataset = PairBatches(src_tok, tgt_tok, tokenizer.pad_token_id, cfg.data.seed, needs_mask, max_tgt,
                           masker=cfg.data.masking)
@@ -311,22 +302,12 @@ def main(argv=None) -> dict:
     print0(f"{cfg.name}: {cfg.system}, patterns {','.join(cfg.patterns())}, {n_params / 1e6:.2f}M parameters, "
            f"{cfg.run.max_steps} steps, lr {cfg.optim.lr}, masking {cfg.data.masking}, world size {world}")
 
-    objective = cfg.objective
     fixed = cfg.mtnat.fixed_lambda if cfg.mtnat.lambda_schedule == "fixed" else None
-    timing = {"calls": [], "tokens": 0.0}
-
-    def loss_fn(engine, batch):
-        timing["calls"].append(time.perf_counter())
-        kw = {}
-        if cfg.system == "mtnat":  # lambda_t from the engine's optimizer-step counter (restored on resume)
-            kw["lam"] = importance_lambda(engine.global_steps, cfg.run.max_steps, fixed)
-        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decoder_mask"],
-                     objective=objective, length_targets=batch.get("length_targets"), **kw)
-        scalars = {k: v for k, v in out.losses.items() if k != "total" and not k.startswith("n_")}
-        scalars.update(total=out.loss, n_tokens=out.losses["n_tokens"], n_masked=out.losses["n_masked"],
-                       n_samples=torch.tensor(float(batch["labels"].shape[0])))
-        timing["tokens"] += float(out.losses["n_tokens"]) + float(batch["attention_mask"].sum())
-        return out.loss, scalars
+    # Multi-Task NAT: lambda_t from the engine's optimizer-step counter (restored on resume).
+    extra = (lambda engine: {"lam": importance_lambda(engine.global_steps, cfg.run.max_steps, fixed)}) \
+        if cfg.system == "mtnat" else None
+    loss = JanusLoss(cfg.objective, pad_id=tokenizer.pad_token_id, model_config=model.config, extra_kwargs=extra,
+                     flop_patterns=("ar", "nar") if cfg.system == "mtnat" else None)
 
     evaluate = None
     if cfg.run.eval_every:
@@ -336,27 +317,22 @@ def main(argv=None) -> dict:
 
         def evaluate(module, step):
             net = module.nat if isinstance(module, MultiTaskNAT) else module
-            res = decode_and_score(net, tokenizer, vsrc, vtgt, cfg, rank, world, iterations=first)
+            res = decode_and_score(net, tokenizer, vsrc, vtgt, cfg, iterations=first)
             return {f"bleu_{k}": v["bleu"] for k, v in res.items()}
 
     meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "system": cfg.system,
             "export_prefix": "nat." if cfg.system == "mtnat" else "", "tokenizer_dir": os.path.abspath(tok_dir)}
     t_train = time.perf_counter()
-    summary = train(cfg.run, cfg.optim, model, loader, loss_fn, meta, to_dict(cfg), evaluate=evaluate)
+    summary = train(cfg.run, cfg.optim, model, loader, loss, meta, to_dict(cfg), evaluate=evaluate)
     train_seconds = time.perf_counter() - t_train
-    calls = timing["calls"]
-    gaps = sorted(b - a for a, b in zip(calls, calls[1:]))
-    step_time = gaps[len(gaps) // 2] * accum if gaps else float("nan")
-    tokens = torch.tensor([timing["tokens"], float(len(calls))])
-    dist.all_reduce(tokens)
 
     results = {"name": cfg.name, "system": cfg.system, "objective": cfg.objective.preset,
                "patterns": list(cfg.patterns()), "masking": cfg.data.masking, "seed": cfg.run.seed,
                "data_seed": cfg.data.seed, "arch": cfg.model.arch, "parameters": n_params, "steps": summary["steps"],
                "finished": summary["finished"],
-               "train": {"median_step_seconds": step_time, "wall_seconds": train_seconds,
-                         "steps_this_run": len(calls) // accum,
-                         "tokens_per_step": float(tokens[0]) / max(float(tokens[1]) / world / accum, 1) if calls else None}}
+               "train": {"median_step_seconds": summary["median_step_seconds"], "wall_seconds": train_seconds,
+                         "steps_this_run": summary["steps_this_run"],
+                         "tokens_per_step": summary.get("tokens_per_step")}}
     if not summary["finished"]:
         print0(json.dumps(results))
         return results
@@ -370,11 +346,11 @@ def main(argv=None) -> dict:
         print0(f"averaged {len(info['tags'])} checkpoint(s) {info['tags'][0]}..{info['tags'][-1]} -> {final}")
     barrier()
     if cfg.eval.split:
-        net = JanusBart.from_bart(final)
+        net = JanusBart.from_bart(final).to(device())
         test_src, test_ref = read_parallel(cfg.data, cfg.eval.split)
         if cfg.eval.samples:
             test_src, test_ref = test_src[:cfg.eval.samples], test_ref[:cfg.eval.samples]
-        scores = decode_and_score(net, tokenizer, test_src, test_ref, cfg, rank, world)
+        scores = decode_and_score(net, tokenizer, test_src, test_ref, cfg)
         results["test"] = {"split": cfg.eval.split, "n": len(test_src)}
         results["bleu"] = {k: v["bleu"] for k, v in scores.items()}
         results["repetition"] = {k: v["repetition"] for k, v in scores.items()}

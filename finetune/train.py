@@ -26,10 +26,9 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the repo im
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
-
 from data_pipeline.loader import ResumableLoader
-from finetune.generate import decode_lines
+from data_pipeline.tokenizer import load_tokenizer
+from finetune.evaluation import decode_gathered
 from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
@@ -38,6 +37,7 @@ from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import evaluate as score_task
 from janus.model import JanusBart
 from janus.objectives import PRESETS, ObjectiveConfig
+from janus.steps import JanusLoss, epochs_to_steps
 
 MODE_DEFAULTS = {
     "ar": {"optim": {"lr": 3e-5, "warmup_steps": 200}, "epochs": 10.0, "objective": "ar"},
@@ -58,7 +58,7 @@ class FinetuneDataConfig:
     dir: str = field(default="", metadata={"help": "folder with {train,dev,test}.{src,tgt}"})
     max_source_length: int = 512
     max_target_length: int | None = field(default=None, metadata={"help": "default: the task's (64/64/32 ...)"})
-    num_workers: int = 0
+    num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 2 on a GPU, 0 on CPU)"})
     seed: int = 0
 
 
@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     if not cfg.model.init_from or not cfg.data.dir:
         parser.error("--model.init_from and --data.dir are required")
 
-    rank, world, _ = init_distributed()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init_from)
+    rank, world, _ = init_distributed(cfg.run.dist_timeout_minutes)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init_from)
     nar = cfg.mode == "nar"
     max_tgt = cfg.data.max_target_length
     torch.manual_seed(cfg.run.seed)  # the new length head starts identical on every rank
@@ -123,6 +123,14 @@ def main(argv=None) -> dict:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, model vocabulary only {model.config.vocab_size}")
     if cfg.model.dropout is not None:
         model.config.dropout = cfg.model.dropout
+    positions = model.config.max_position_embeddings
+    if max_tgt >= positions:
+        raise ValueError(f"--data.max_target_length {max_tgt} needs more decoder positions than the "
+                         f"{positions} of {cfg.model.init_from}: use at most {positions - 1}")
+    if cfg.data.max_source_length > positions:
+        print0(f"--data.max_source_length {cfg.data.max_source_length} is more than the model's {positions} "
+               f"positions: sources are cut to {positions} tokens")
+        cfg.data.max_source_length = positions
 
     src, tgt = read_split(cfg.data.dir, "train")
     src_tok = tokenize(tokenizer, src, cfg.data.max_source_length, "tokenising train.src")
@@ -135,24 +143,21 @@ def main(argv=None) -> dict:
 
     ds = resolve_ds_config(cfg.run, cfg.optim, world)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    budget = f"({cfg.epochs} epochs)"
     if not cfg.run.max_steps:
-        cfg.run.max_steps = max(1, math.ceil(cfg.epochs * len(src) / (micro * accum * world)))
+        cfg.run.max_steps = epochs_to_steps(cfg.epochs, len(src), micro * accum * world)
+    else:
+        budget = f"(--run.max_steps; {cfg.run.max_steps * micro * accum * world / len(src):.2f} epochs)"
     dataset = PairBatches(src_tok, tgt_tok, tokenizer.pad_token_id, cfg.data.seed, nar, max_tgt)
     fp = fingerprint(os.path.join(cfg.data.dir, "train.src"), os.path.join(cfg.data.dir, "train.tgt"),
                      extra=f"{cfg.data.max_source_length}/{max_tgt}/{len(tokenizer)}/{cfg.mode}")
     loader = ResumableLoader(dataset, num_items=len(dataset), seed=cfg.data.seed, fingerprint=fp, rank=rank,
                              world_size=world, micro_batch_size=micro, num_workers=cfg.data.num_workers)
     objective = cfg.objective
-    print0(f"{cfg.task} {cfg.mode}: {cfg.run.max_steps} steps ({cfg.epochs} epochs), objective {objective.preset}, "
+    print0(f"{cfg.task} {cfg.mode}: {cfg.run.max_steps} steps {budget}, objective {objective.preset}, "
            f"lr {cfg.optim.lr}, world size {world}")
 
-    def loss_fn(engine, batch):
-        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decoder_mask"],
-                     objective=objective, length_targets=batch.get("length_targets"))
-        scalars = {k: v for k, v in out.losses.items() if k != "total" and not k.startswith("n_")}
-        scalars.update(total=out.loss, n_tokens=out.losses["n_tokens"], n_masked=out.losses["n_masked"],
-                       n_samples=torch.tensor(float(batch["labels"].shape[0])))
-        return out.loss, scalars
+    loss = JanusLoss(objective, pad_id=tokenizer.pad_token_id, model_config=model.config)
 
     best_dir = os.path.join(cfg.run.save_dir, "best")
     best_file = os.path.join(best_dir, "dev_scores.json")
@@ -160,33 +165,13 @@ def main(argv=None) -> dict:
     nar_cfg = MaskPredictConfig(iterations=cfg.eval.iterations, length_candidates=cfg.eval.length_candidates,
                                 max_len=max_tgt)
 
-    zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
-
     def evaluate(module: JanusBart, step: int) -> dict:
-        if not zero3:
-            return evaluate_full(module, step)
-        import deepspeed
-
-        # ZeRO-3 partitions the weights (and its hooks re-partition them after every forward):
-        # gather them once into a plain copy on every rank, then decode and export that.
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = module.full_state()
-        plain = JanusBart(module.config, mask_token_id=module.mask_token_id, length_classes=module.length_classes)
-        plain.load_state_dict(state)
-        return evaluate_full(plain.to(next(iter(state.values())).device).eval(), step)
-
-    def evaluate_full(module: JanusBart, step: int) -> dict:
-        """Each rank decodes a slice of dev; rank 0 scores; the best model is exported."""
-        share = list(range(rank, len(dev_src), world))
-        hyps = decode_lines(module, tokenizer, [dev_src[i] for i in share], mode=cfg.mode,
-                            batch_size=cfg.eval.batch_size, max_source_length=cfg.data.max_source_length,
-                            beam=beam_cfg, nar=nar_cfg)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, list(zip(share, hyps)))
+        """``module`` is a plain fp32 copy on every rank (the trainer's ``full_precision_copy``): each
+        rank decodes a slice of dev, rank 0 scores, and the best model is exported from it."""
+        preds, _ = decode_gathered(module, tokenizer, dev_src, mode=cfg.mode, batch_size=cfg.eval.batch_size,
+                                   max_source_length=cfg.data.max_source_length, beam=beam_cfg, nar=nar_cfg)
         results = {}
         if is_rank0():
-            ordered = dict(pair for part in gathered for pair in part)
-            preds = [ordered[i] for i in range(len(dev_src))]
             srcs = dev_src if cfg.task in ("squadqg", "msqg") else None
             results = score_task(cfg.task, preds, dev_tgt, srcs, meteor=cfg.eval.meteor)
             score = results.get("overall")
@@ -208,7 +193,7 @@ def main(argv=None) -> dict:
 
     meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "task": cfg.task, "mode": cfg.mode,
             "tokenizer_dir": os.path.abspath(cfg.model.tokenizer or cfg.model.init_from)}
-    summary = train(cfg.run, cfg.optim, model, loader, loss_fn, meta, to_dict(cfg), evaluate=evaluate)
+    summary = train(cfg.run, cfg.optim, model, loader, loss, meta, to_dict(cfg), evaluate=evaluate)
     summary["best_dir"] = best_dir
     return summary
 

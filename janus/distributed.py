@@ -1,6 +1,7 @@
 """Process-group set-up shared by every entry point, and rank-0 printing in one place."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -14,10 +15,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; works under torchrun, the deepspeed
-    launcher, srun (via torchrun) and plain ``python`` (a one-rank group). Returns
-    (rank, world_size, local_rank)."""
+    launcher, srun (via torchrun) and plain ``python`` (a one-rank group). ``timeout_minutes``
+    bounds every collective, including the waits of other ranks while rank 0 works alone
+    (scoring, export, pruning checkpoints). Returns (rank, world_size, local_rank)."""
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -30,7 +32,7 @@ def init_distributed() -> tuple[int, int, int]:
         accel.set_device(local_rank)
     if not dist.is_initialized():
         backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

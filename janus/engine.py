@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from janus import checkpoint
 from janus.distributed import device, is_rank0, print0
+from janus.steps import full_precision_copy
 
 
 @dataclass
@@ -41,6 +42,14 @@ class OptimConfig:
 
 
 @dataclass
+class FaultInjectionConfig:
+    """Test hooks that simulate failures (kills, interrupted saves, NaN losses); never set them in real runs."""
+    crash_at_step: int = field(default=0, metadata={"help": "testing: hard exit after this step (simulated kill)"})
+    crash_in_save_at_step: int = field(default=0, metadata={"help": "testing: die in the middle of this save"})
+    nan_at_steps: list[int] = field(default_factory=list, metadata={"help": "testing: poison the loss at these steps"})
+
+
+@dataclass
 class RunConfig:
     deepspeed_config: str = field(default="ds_configs/zero2_fp32_cpu.json", metadata={"help": "DeepSpeed JSON"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "per rank; must agree with the DS config"})
@@ -55,10 +64,24 @@ class RunConfig:
     eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0 = only at the end)"})
     tensorboard: bool = True
     seed: int = 1234
-    max_nonfinite: int = field(default=20, metadata={"help": "stop after this many skipped non-finite steps"})
-    crash_at_step: int = field(default=0, metadata={"help": "testing: hard exit after this step (simulated kill)"})
-    crash_in_save_at_step: int = field(default=0, metadata={"help": "testing: die in the middle of this save"})
-    nan_at_steps: list[int] = field(default_factory=list, metadata={"help": "testing: poison the loss at these steps"})
+    max_nonfinite: int = field(default=20, metadata={
+        "help": "stop after this many skips in total: micro-batches with a non-finite loss, optimizer steps "
+                "DeepSpeed skipped on overflow (fp16 loss-scale search included) or with a non-finite grad norm"})
+    dist_timeout_minutes: float = field(default=60.0, metadata={
+        "help": "process-group timeout: the longest any rank may wait for the others (rank-0 scoring, export, "
+                "checkpoint pruning on a network file system)"})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "peak dense TFLOP/s of one device for throughput/mfu (default: from the GPU model and precision)"})
+    faults: FaultInjectionConfig = field(default_factory=lambda: FaultInjectionConfig())
+
+
+def peak_tflops_for_device(dev: torch.device, prec: str) -> float | None:
+    """Dense peak TFLOP/s of this GPU at this precision (fp32 runs use TF32 matmuls), if known."""
+    if dev.type != "cuda":
+        return None
+    from janus.flops import peak_tflops_for
+
+    return peak_tflops_for(torch.cuda.get_device_name(dev), "tf32" if prec == "fp32" else prec)
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
@@ -76,6 +99,30 @@ def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def _auto_keys(node, prefix: str = "") -> list[str]:
+    """Dotted paths of every "auto" value, at any depth (DeepSpeed's raw initialize leaves them
+    unresolved: a nested ``"stage": "auto"`` would silently mean stage 0)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _auto_keys(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _auto_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+def precision(ds_config: dict) -> str:
+    """bf16 | fp16 | fp32 (the dtype the model computes in)."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; biases and LayerNorm weights (1-D) do not."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def resolve_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict:
     """Load the DeepSpeed JSON and check it agrees with the run config (clear errors otherwise)."""
     try:
@@ -85,9 +132,14 @@ def resolve_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> di
         raise FileNotFoundError(f"DeepSpeed config {run.deepspeed_config} not found (see ds_configs/)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{run.deepspeed_config}:{e.lineno}: invalid JSON: {e.msg}") from None
-    autos = [k for k, v in ds.items() if v == "auto"]
+    autos = _auto_keys(ds)
     if autos:
         raise ValueError(f"{run.deepspeed_config}: 'auto' values are not resolved here; set concrete values for {autos}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{run.deepspeed_config}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ValueError(f"{run.deepspeed_config}: fp16 and bf16 are both enabled; choose one")
 
     def agree(name: str, ours, key: str):
         theirs = ds.get(key)
@@ -184,19 +236,19 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     ds_config = resolve_ds_config(run, optim, world)
     accum = ds_config["gradient_accumulation_steps"]
     torch.manual_seed(run.seed + rank)
+    # The same decay / no-decay groups whether torch builds the optimizer or DeepSpeed does
+    # (the offload configs name one in the DeepSpeed JSON).
+    groups = param_groups(model, optim.weight_decay)
     optimizer = None
     if "optimizer" not in ds_config:
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
     schedule = lr_lambda(optim, run.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        model_parameters=None if optimizer is not None else model.parameters(),
+        model=model, optimizer=optimizer, config=ds_config, model_parameters=None if optimizer is not None else groups,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     dev = device()
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    peak = run.peak_tflops or peak_tflops_for_device(dev, precision(ds_config))
 
     root = os.path.join(run.save_dir, "checkpoints")
     step, nonfinite = 0, 0
@@ -222,85 +274,137 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
 
     tracker = _Tracker(run)
     batches: Iterable = iter(loader)
-    sums: dict[str, torch.Tensor] = {}
+    host_counts = getattr(loss_fn, "host_counts", None)
+    flops_of = getattr(loss_fn, "flops", None)
+    sums: dict[str, torch.Tensor] = {}  # device scalars, read back once per log step
+    host_sums: dict[str, float] = {}  # host counts (tokens, samples, FLOPs): never on the device
     poisoned: dict[int, bool] = {}
+    step_times: list[float] = []
     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    skipped_steps, grad_norm, stop, run_tokens = 0, None, 0, 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     engine.train()
     while step < run.max_steps:
-        done = 0
+        step_start, done, stop = time.perf_counter(), 0, 0
         while done < accum:
             t = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t
+            host = host_counts(batch) if host_counts is not None else {}
             batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss, scalars = loss_fn(engine, batch)
-            if step + 1 in run.nan_at_steps and done == 0 and not poisoned.get(step + 1):
+            loss, scalars = loss_fn(engine, batch, host) if host_counts is not None else loss_fn(engine, batch)
+            if step + 1 in run.faults.nan_at_steps and done == 0 and not poisoned.get(step + 1):
                 poisoned[step + 1] = True  # once per listed step: the retry with the next batch is clean
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:  # every rank skips the same micro-batch
+            # One fused reduction per micro-batch: [loss not finite, stop signal] (MAX over ranks), so
+            # every rank skips the same micro-batch and stops at the same step. It runs before
+            # backward on purpose: a non-finite loss must never reach the gradients.
+            flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
+                                 torch.full((), float(stop_signal["received"]), device=loss.device)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            stop = int(stop)
+            if bad:
                 nonfinite += 1
                 print0(f"step {step + 1}: non-finite loss, batch skipped ({nonfinite}/{run.max_nonfinite})")
                 if nonfinite >= run.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite} non-finite losses: stopping (run.max_nonfinite)")
+                    raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
                 continue
             engine.backward(loss)
+            if zero_stage == 0 and done == accum - 1:  # DeepSpeed keeps no grad norm without ZeRO: take ours
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                own_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             engine.step()
             done += 1
             for k, v in scalars.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-        step += 1
-        window_steps += 1
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(grad_norm):
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            host["flops"] = flops_of(host) if flops_of is not None else 0.0
+            for k, v in host.items():
+                host_sums[k] = host_sums.get(k, 0.0) + float(v)
+            run_tokens += host.get("n_tokens", 0) + host.get("n_src", 0)
+        if not engine.was_step_applied():
+            # DeepSpeed skipped the update (fp16/bf16 overflow): the LR schedule did not move, so neither
+            # does our step counter; the grad norm of a skipped step is not logged.
+            skipped_steps += 1
             nonfinite += 1
-            print0(f"step {step}: non-finite grad norm ({nonfinite}/{run.max_nonfinite})")
+            print0(f"step {step + 1}: optimizer step skipped on overflow ({skipped_steps} so far; "
+                   f"{nonfinite}/{run.max_nonfinite})")
             if nonfinite >= run.max_nonfinite:
-                raise RuntimeError(f"{nonfinite} non-finite steps: stopping (run.max_nonfinite)")
-        if step % run.log_every == 0 or step == run.max_steps:
+                raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
+            if not stop:
+                continue
+        else:
+            step += 1
+            window_steps += 1
+            step_times.append(time.perf_counter() - step_start)
+            norm = own_norm if zero_stage == 0 else engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+            if not math.isfinite(grad_norm):
+                nonfinite += 1
+                print0(f"step {step}: non-finite grad norm ({nonfinite}/{run.max_nonfinite})")
+                if nonfinite >= run.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
+        if window_steps and (step % run.log_every == 0 or step == run.max_steps or stop):
             names = sorted(sums)
-            packed = torch.stack([sums[k] for k in names]).to(dev)
+            host_names = sorted(host_sums)
+            packed = torch.cat([torch.stack([sums[k] for k in names]).to(dev),
+                                torch.tensor([host_sums[k] for k in host_names], dtype=torch.float32, device=dev)])
             dist.all_reduce(packed)
-            totals = dict(zip(names, packed.tolist()))
+            values = packed.tolist()
+            totals, host_totals = dict(zip(names, values[:len(names)])), dict(zip(host_names, values[len(names):]))
             elapsed = time.perf_counter() - window_start
-            n_tok, n_samples = totals.pop("n_tokens", 0.0), totals.pop("n_samples", 0.0)
-            n_masked, n_src_masked, n_src = (totals.pop(k, 0.0) for k in ("n_masked", "n_src_masked", "n_src"))
             denom = world * accum * window_steps
             out = {f"loss/{k}": v / denom for k, v in totals.items()}
+            n_tok = host_totals.get("n_tokens", 0.0)
+            tflops = host_totals.get("flops", 0.0) / world / elapsed / 1e12
             out.update({
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                 "loss_scale": float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)) or 1.0),
-                "throughput/tokens_per_s": n_tok / elapsed, "throughput/samples_per_s": n_samples / elapsed,
+                "throughput/tokens_per_s": n_tok / elapsed,
+                "throughput/samples_per_s": host_totals.get("n_samples", 0.0) / elapsed,
                 "throughput/data_wait_share": data_wait / elapsed, "nonfinite_skipped": nonfinite,
+                "skipped_steps": skipped_steps,
             })
-            if n_tok:
-                out["mask/decoder_ratio"] = n_masked / n_tok
-            if n_src:
-                out["mask/encoder_ratio"] = n_src_masked / n_src
+            if tflops:
+                out["throughput/tflops_per_device"] = tflops
+                if peak:
+                    out["throughput/mfu"] = tflops / peak
+            if n_tok and "n_masked" in host_totals:
+                out["mask/decoder_ratio"] = host_totals["n_masked"] / n_tok
+            if host_totals.get("n_src") and "n_src_masked" in host_totals:
+                out["mask/encoder_ratio"] = host_totals["n_src_masked"] / host_totals["n_src"]
+            if dev.type == "cuda":
+                out["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                out["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(dev) / 2**30
+                torch.cuda.reset_peak_memory_stats(dev)
             tracker.log(step, out, run.max_steps)
-            sums, window_start, data_wait, window_steps = {}, time.perf_counter(), 0.0, 0
-        if evaluate is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.max_steps):
+            sums, host_sums, window_start, data_wait, window_steps = {}, {}, time.perf_counter(), 0.0, 0
+        # A stop signal saves first and skips a due evaluation: Slurm gives ~120 s after USR1.
+        if evaluate is not None and not stop and ((run.eval_every and step % run.eval_every == 0)
+                                                  or step == run.max_steps):
             engine.eval()
-            results = evaluate(engine.module, step)
+            results = evaluate(full_precision_copy(engine.module, dev), step)
             engine.train()
             tracker.log_eval(step, results)
-        stop = torch.tensor([float(stop_signal["received"])], device=dev)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        if step % run.save_every == 0 or step == run.max_steps or stop.item():
-            client = {"step": step, "nonfinite": nonfinite, "loader": loader.state_dict(),
-                      "summary": {"world_size": world}}
+        if step % run.save_every == 0 or step == run.max_steps or stop:
+            client = {"step": step, "nonfinite": nonfinite, "skipped_steps": skipped_steps,
+                      "loader": loader.state_dict(), "summary": {"world_size": world}}
             checkpoint.save(engine, root, step, client, model_meta, run.keep_last,
-                            fail_midway=run.crash_in_save_at_step == step)
-        if run.crash_at_step == step:
+                            fail_midway=run.faults.crash_in_save_at_step == step)
+        if run.faults.crash_at_step == step:
             os._exit(17)  # test hook: a kill right after this step
-        if stop.item():
-            print0(f"signal {int(stop.item())} received: checkpoint saved at step {step}, stopping")
+        if stop:
+            print0(f"signal {stop} received: checkpoint saved at step {step}, stopping")
             break
     tracker.close()
-    summary = {"steps": step, "finished": step >= run.max_steps, "nonfinite_skipped": nonfinite, "checkpoint": checkpoint.latest_complete(root),
-               "save_dir": run.save_dir, "run": asdict(run)}
+    median_step = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
+    tokens = torch.tensor([float(run_tokens)], device=dev)
+    dist.all_reduce(tokens)
+    summary = {"steps": step, "finished": step >= run.max_steps, "nonfinite_skipped": nonfinite,
+               "skipped_steps": skipped_steps, "median_step_seconds": median_step, "steps_this_run": len(step_times),
+               "tokens_per_step": tokens.item() / len(step_times) if step_times else None,
+               "checkpoint": checkpoint.latest_complete(root), "save_dir": run.save_dir, "run": asdict(run)}
     if is_rank0():
         with open(os.path.join(run.save_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -80,13 +80,14 @@ class MultiTaskNAT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 decoder_mask: torch.Tensor | None = None, *, objective: ObjectiveConfig | None = None,
-                length_targets: torch.Tensor | None = None, lam: float = 0.5) -> JanusOutput:
+                length_targets: torch.Tensor | None = None, lam: float = 0.5,
+                host_counts: dict | None = None) -> JanusOutput:
         """``lam`` = lambda_t. Returns the NAT decoder's ``JanusOutput`` with ``losses``
         {nar, length, at, lambda, total, n_tokens, n_masked} and ``loss`` = the weighted sum."""
         nat_obj = objective if objective is not None else self.nat_objective
         enc = self.nat.encode(input_ids, attention_mask)
         out = self.nat(input_ids, attention_mask, labels, decoder_mask, objective=nat_obj, patterns=("nar",),
-                       length_targets=length_targets, encoder_out=enc)
+                       length_targets=length_targets, encoder_out=enc, host_counts=host_counts)
         valid = labels.ne(self.config.pad_token_id)
         logits = self.at_logits(enc, attention_mask, labels)
         logp = F.log_softmax(logits[valid].float(), dim=-1)

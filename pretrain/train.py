@@ -13,7 +13,6 @@ them first. Checkpoints, TensorBoard logs and metrics.jsonl go to --run.save_dir
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.distributed import init_distributed, print0, shutdown_distributed
 from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.model import JanusBart
+from janus.steps import JanusLoss, epochs_to_steps
 from janus.objectives import ObjectiveConfig
 
 
@@ -77,24 +77,6 @@ def build_model(cfg: ModelConfig, tokenizer: dict) -> JanusBart:
     return model
 
 
-def janus_loss_fn(objective: ObjectiveConfig):
-    terms = None
-
-    def loss_fn(engine, batch):
-        nonlocal terms
-        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decoder_mask"],
-                     objective=objective)
-        scalars = {k: v for k, v in out.losses.items() if k != "total" and not k.startswith("n_")}
-        scalars.update(total=out.loss, n_tokens=out.losses["n_tokens"], n_masked=out.losses["n_masked"],
-                       n_samples=torch.tensor(float(batch["labels"].shape[0])))
-        for k in ("n_src_masked", "n_src"):
-            if k in batch:
-                scalars[k] = batch[k].sum()
-        return out.loss, scalars
-
-    return loss_fn
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, PretrainConfig)
@@ -102,7 +84,7 @@ def main(argv=None) -> dict:
     if not cfg.data.shards_dir:
         parser.error("--data.shards_dir is required (build shards with python -m data_pipeline.build)")
     manifest = read_manifest(cfg.data.shards_dir)  # fail fast, before any process-group set-up
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.run.dist_timeout_minutes)
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank and every run
     model = build_model(cfg.model, manifest["tokenizer"])
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, objective "
@@ -111,11 +93,12 @@ def main(argv=None) -> dict:
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     loader = build_pretrain_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=micro)
     if cfg.epochs is not None:
-        cfg.run.max_steps = max(1, math.ceil(cfg.epochs * loader.num_blocks / (micro * accum * world)))
+        cfg.run.max_steps = epochs_to_steps(cfg.epochs, loader.num_blocks, micro * accum * world)
         print0(f"{cfg.epochs} epochs of {loader.num_blocks} blocks = {cfg.run.max_steps} steps")
     meta = {"bart_config": model.config.to_dict(), "janus": model.janus_config(), "tokenizer": manifest["tokenizer"],
             "tokenizer_dir": os.path.join(os.path.abspath(str(cfg.data.shards_dir)), "tokenizer")}
-    return train(cfg.run, cfg.optim, model, loader, janus_loss_fn(cfg.objective), meta, to_dict(cfg))
+    loss = JanusLoss(cfg.objective, pad_id=model.config.pad_token_id, model_config=model.config)
+    return train(cfg.run, cfg.optim, model, loader, loss, meta, to_dict(cfg))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_losses_fall_and_kill_resume_is_exact(shards, tmp_path, stage):
     full = tmp_path / "full"
     pretrain(shards, full, stage)
     killed = tmp_path / "killed"
-    proc = pretrain(shards, killed, stage, "--run.crash_at_step", "6", check=False)
+    proc = pretrain(shards, killed, stage, "--run.faults.crash_at_step", "6", check=False)
     assert proc.returncode != 0
     resumed = pretrain(shards, killed, stage)
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
@@ -67,7 +67,7 @@ def test_losses_fall_and_kill_resume_is_exact(shards, tmp_path, stage):
 @pytest.mark.slow
 def test_interrupted_save_is_survived_and_tensorboard_has_scalars(shards, tmp_path):
     run = tmp_path / "run"
-    proc = pretrain(shards, run, 2, "--run.save_every", "2", "--run.crash_in_save_at_step", "4", check=False)
+    proc = pretrain(shards, run, 2, "--run.save_every", "2", "--run.faults.crash_in_save_at_step", "4", check=False)
     assert proc.returncode != 0
     ckpts = run / "checkpoints"
     assert (ckpts / "step_00000002" / "COMPLETE").exists()
@@ -172,7 +172,7 @@ def test_deepspeed_launcher_nonfinite_guard_and_checkpoint_averaging(shards, tmp
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "pretrain/train.py",
            "--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir", str(run), "--run.max_steps", "4",
-           "--run.save_every", "2", "--run.log_every", "1", "--run.nan_at_steps", "[2, 3]", "--run.keep_last", "0"]
+           "--run.save_every", "2", "--run.log_every", "1", "--run.faults.nan_at_steps", "[2, 3]", "--run.keep_last", "0"]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
@@ -197,7 +197,7 @@ def test_deepspeed_launcher_nonfinite_guard_and_checkpoint_averaging(shards, tmp
     # Too many non-finite losses stop the run with a clear error.
     proc = torchrun("pretrain/train.py", ["--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir",
                                           str(tmp_path / "bad"), "--run.max_steps", "6", "--run.max_nonfinite", "2",
-                                          "--run.nan_at_steps", "[1, 2, 3]"], check=False)
+                                          "--run.faults.nan_at_steps", "[1, 2, 3]"], check=False)
     assert proc.returncode != 0 and "non-finite losses: stopping" in proc.stderr + proc.stdout
 
 
