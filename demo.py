@@ -90,8 +90,8 @@ results:       {out / 'results.json'}, {out / 'results.md'}, plot {out / 'iterat
 
 def finetune_and_evaluate(args, out: Path, export_dir: Path, env: dict) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
+    from data_pipeline.tokenizer import load_tokenizer
     from finetune.data import read_lines
     from finetune.generate import decode_lines, latency_ms
     from janus.decoding import BeamConfig, MaskPredictConfig
@@ -119,7 +119,7 @@ def finetune_and_evaluate(args, out: Path, export_dir: Path, env: dict) -> dict:
     for mode in ("ar", "nar"):
         best = out / f"xsum-{mode}" / "best"
         model = JanusBart.from_bart(str(best)).eval()
-        tok = AutoTokenizer.from_pretrained(str(best))
+        tok = load_tokenizer(best)
         settings = [("AR beam 5", None)] if mode == "ar" else [(f"NAR T={t}", int(t)) for t in args.iterations.split(",")]
         for name, iters in settings:
             kw = dict(mode=mode, max_source_length=128, beam=BeamConfig(beam=5, max_len=64),

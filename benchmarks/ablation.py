@@ -203,15 +203,15 @@ def heldout_nll(final_dir: Path, data_dir: Path, split: str, max_len: int, ar: b
     masks for every system). A far less noisy measure than BLEU when models are this small."""
     import numpy as np
     import torch
-    from transformers import AutoTokenizer
 
     from data_pipeline.collate import pad_batch
+    from data_pipeline.tokenizer import load_tokenizer
     from finetune.data import cmlm_mask, read_lines, tokenize
     from janus.model import JanusBart
     from janus.objectives import KL_TERMS, ObjectiveConfig
 
     model = JanusBart.from_bart(str(final_dir)).eval()
-    tok = AutoTokenizer.from_pretrained(str(final_dir))
+    tok = load_tokenizer(final_dir)
     src = tokenize(tok, read_lines(str(data_dir / f"{split}.de")), max_len, "src")
     tgt = tokenize(tok, read_lines(str(data_dir / f"{split}.en")), max_len, "tgt")
     objective = ObjectiveConfig(ar=float(ar), nar=float(nar), aux=0.0, **{k: 0.0 for k in KL_TERMS},

@@ -58,14 +58,13 @@ def timed(fn, repeats: int) -> float:
 
 
 def quality_and_speed(args) -> dict:
-    from transformers import AutoTokenizer
-
+    from data_pipeline.tokenizer import load_tokenizer
     from finetune.data import read_lines
     from finetune.generate import decode_lines, latency_ms
     from janus.metrics import evaluate
 
     model = JanusBart.from_bart(args.model).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = load_tokenizer(args.model)
     sources, refs = read_lines(args.src), read_lines(args.ref)
     if args.limit:
         sources, refs = sources[:args.limit], refs[:args.limit]

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import os
+import re
 import shutil
+import socket
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -19,8 +22,8 @@ from .demo import default_cache_dir
 from .manifest import FORMAT, MANIFEST_FILE, write_manifest
 from .packing import pack_document
 from .shards import ShardWriter, file_sha256
-from .sources import DataError, Skips, SourceSpec, iter_documents
-from .tokenizer import load_tokenizer, raw_tokenizer, save_tokenizer, token_classes, train_bpe
+from .sources import DataError, Skips, SourceSpec, check_source, iter_documents
+from .tokenizer import MIN_VOCAB, file_hashes, load_tokenizer, raw_tokenizer, save_tokenizer, token_classes, train_bpe
 from .vocab import SENTENCE_END, TOKEN_CLASSES_FILE
 
 DEMO_SOURCES = ("demo:wiki", "demo:news@doc_sep=line")
@@ -45,27 +48,127 @@ class BuildConfig:
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Run the whole build; returns the manifest (also written to OUT/manifest.json, last)."""
-    if cfg.block_size < 8:
-        raise DataError(f"block_size must be >= 8, got {cfg.block_size}")
+    """Run the whole build; returns the manifest (also written to OUT/manifest.json, last).
+
+    Everything that can be checked up front is (options, every source, the tokenizer, the output
+    folder) before anything is written. The build then happens in a temporary sibling of OUT and is
+    swapped in only when complete, so a failed, interrupted or killed build never harms a previous one."""
+    specs = _validate(cfg)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
+    _remove_dead_staging(cfg.out)
+    staging = cfg.out.parent / f"{_STAGING_PREFIX.format(name=cfg.out.name)}{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _build_into(staging, cfg, specs, tok)
+        _swap_in(staging, cfg.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _validate(cfg: BuildConfig) -> list[SourceSpec]:
+    checks = [(cfg.block_size >= 8, f"block_size must be >= 8, got {cfg.block_size}"),
+              (cfg.shard_tokens >= 1, f"shard_tokens must be >= 1, got {cfg.shard_tokens}"),
+              (cfg.chunk_chars >= 1, f"chunk_chars must be >= 1, got {cfg.chunk_chars}"),
+              (bool(cfg.text_field), "text_field must not be empty")]
+    if cfg.tokenizer is None:
+        checks.append((cfg.vocab_size >= MIN_VOCAB, f"vocab_size must be >= {MIN_VOCAB} (bytes + specials + <mask>), "
+                                                     f"got {cfg.vocab_size}"))
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
     specs = [SourceSpec.parse(s, cfg.text_field) for s in cfg.sources]
     if not specs:
         raise DataError("no sources: give --source ... or --demo")
-    if (cfg.out / MANIFEST_FILE).exists() and not cfg.overwrite:
-        raise DataError(f"{cfg.out} already holds a build (manifest.json); pass --overwrite to replace it")
+    for spec in specs:
+        check_source(spec)
+    if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
+        raise DataError(f"--tokenizer {cfg.tokenizer}: no such folder (a local BART tokenizer folder, e.g. bart-base)")
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder")
+    if out.is_dir():
+        if (out / MANIFEST_FILE).exists() and not cfg.overwrite:
+            raise DataError(f"{out} already holds a build (manifest.json); pass --overwrite to replace it")
+        foreign = sorted(p.name for p in out.iterdir() if not _is_build_output(p.name))
+        if foreign:
+            raise DataError(f"--out {out} holds things a build does not write ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}); a build replaces the whole folder, so it will not "
+                            "touch one with other data: choose a new or empty folder, or move them out")
+    return specs
 
-    if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
-    else:
+
+_STAGING_PREFIX = ".{name}.build-"  # + host-pid: where a build is written before it is swapped in
+_BUILD_OUTPUT = re.compile(r"^(manifest\.json(\.tmp)?|token_classes\.npy|tokenizer|shard_\d+\.(bin|idx\.npy))$")
+
+
+def _is_build_output(name: str) -> bool:
+    return bool(_BUILD_OUTPUT.match(name))
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Staging folders of builds on this host whose process is gone (killed): never a live build's."""
+    prefix = _STAGING_PREFIX.format(name=out.name) + socket.gethostname() + "-"
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(prefix.replace("[", "[[]") + "*"):
+        pid = path.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished build at `out`. An existing build is exchanged atomically (renameat2
+    RENAME_EXCHANGE on Linux; elsewhere two renames, the old build kept aside until the new one is
+    in place) and removed only afterwards."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    late = sorted(p.name for p in out.iterdir() if not _is_build_output(p.name))
+    for name in late:  # appeared during the build (e.g. a download cache): carried over, never deleted
+        os.rename(out / name, staging / name)
+    if not _exchange(staging, out):
+        aside = staging.with_name(staging.name.replace(".build-", ".old-"))
+        os.rename(out, aside)
+        os.rename(staging, out)
+        staging = aside
+    shutil.rmtree(staging)  # now the previous build
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _build_into(out: Path, cfg: BuildConfig, specs: list[SourceSpec], tok) -> dict:
+    if tok is None:
         quiet = Skips(strict=cfg.strict, verbose=False)  # the tokenising pass below reports skips
         tok = train_bpe((d.text for s in specs for d in iter_documents(s, quiet, cfg.cache_dir)), cfg.vocab_size)
-    _clean_out(cfg.out)  # only now: --tokenizer may point into the old build
-    tokenizer_dir = cfg.out / "tokenizer"
+    tokenizer_dir = out / "tokenizer"
     tokenizer_record = save_tokenizer(tok, tokenizer_dir)
     classes = token_classes(tok)
-    np.save(cfg.out / TOKEN_CLASSES_FILE, classes)
+    np.save(out / TOKEN_CLASSES_FILE, classes)
 
-    writer = ShardWriter(cfg.out, tokenizer_record["vocab_size"], cfg.shard_tokens)
+    writer = ShardWriter(out, tokenizer_record["vocab_size"], cfg.shard_tokens)
     reports = [_new_report(raw, spec) for raw, spec in zip(cfg.sources, specs)]
     skips = [Skips(strict=cfg.strict) for _ in specs]
     chunks = _chunks(specs, skips, reports, cfg)
@@ -86,27 +189,27 @@ def build(cfg: BuildConfig) -> dict:
         report["documents"]["skipped"] = dict(sorted(skip.counts.items()))
         report["documents"]["read"] = report["documents"]["kept"] + sum(skip.counts.values())
         report["skip_examples"] = skip.examples
+    totals = _totals(reports)
+    if totals["blocks"] == 0:  # fail now, not at the first training step
+        per_source = "; ".join(f"{r['spec']}: {r['documents']['read']} read, {r['documents']['kept']} kept, "
+                               f"{r['documents']['emitted']} emitted, skipped {r['documents']['skipped'] or 'none'}"
+                               for r in reports)
+        raise DataError(f"no blocks: the sources yield no documents to train on ({per_source}). Check the paths, "
+                        "@text_field=, @doc_sep=, weights and the skip examples printed above")
     manifest = {
         "format": FORMAT,
         "config": {"block_size": cfg.block_size, "shard_tokens": cfg.shard_tokens, "seed": cfg.seed, "strict": cfg.strict,
                    "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else f"trained byte-level BPE, vocab_size={cfg.vocab_size}"},
         "tokenizer": tokenizer_record,
-        "token_classes_sha256": file_sha256(cfg.out / TOKEN_CLASSES_FILE),
+        "tokenizer_files": file_hashes(tokenizer_dir),
+        "token_classes_sha256": file_sha256(out / TOKEN_CLASSES_FILE),
         "sources": reports,
-        "totals": _totals(reports),
+        "totals": totals,
         "shards": shard_records,
     }
     manifest["fingerprint"] = hashlib.sha256(repr((tokenizer_record, manifest["token_classes_sha256"], shard_records)).encode()).hexdigest()
-    write_manifest(cfg.out, manifest)
+    write_manifest(out, manifest)
     return manifest
-
-
-def _clean_out(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    # Remove only what a build writes, so stale shards of an earlier, larger build cannot linger.
-    for path in [*out.glob("shard_*.bin"), *out.glob("shard_*.idx.npy"), out / MANIFEST_FILE, out / TOKEN_CLASSES_FILE]:
-        path.unlink(missing_ok=True)
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
 
 
 def _new_report(raw: str, spec: SourceSpec) -> dict:

@@ -77,6 +77,30 @@ class Skips:
             print(f"skipped {message}", file=sys.stderr)
 
 
+def check_source(spec: SourceSpec) -> None:
+    """Fail now, naming the source, on what iterating it would only discover later: a local path
+    that does not exist, an unsupported file type, a folder with nothing to read, an unknown demo
+    part. (An `hf:` name can only be resolved by loading it.) Cheap: no file is opened."""
+    if spec.location.startswith("demo:"):
+        from .demo import MEMBERS
+        part = spec.location.removeprefix("demo:")
+        if part not in MEMBERS:
+            raise DataError(f"unknown demo source demo:{part} (choose from {', '.join('demo:' + p for p in MEMBERS)})")
+        return
+    if spec.location.startswith("hf:"):
+        return
+    path = Path(spec.location)
+    if not path.exists():
+        raise DataError(f"source not found: {path}")
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in HF_DISK_MARKERS):
+            return
+        if not any(p.is_file() and p.suffix in FILE_SUFFIXES for p in path.rglob("*")):
+            raise DataError(f"{path}: folder holds no {'/'.join(FILE_SUFFIXES)} files and is not a saved HF dataset")
+    elif path.suffix not in FILE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)}, a folder, or hf:NAME)")
+
+
 def iter_documents(spec: SourceSpec, skips: Skips, cache_dir: Path) -> Iterator[Document]:
     if spec.location.startswith("demo:"):
         from .demo import demo_documents
@@ -126,13 +150,23 @@ def _file(path: Path, spec: SourceSpec, skips: Skips) -> Iterator[Document]:
 
 
 def _lines(path: Path, skips: Skips) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line that is valid UTF-8; invalid lines are counted skips."""
+    """(line number, text) of each line that is valid UTF-8; invalid lines are counted skips
+    (for sources where a line is a unit: jsonl, one document per line)."""
+    for lineno, text, error in _decoded_lines(path):
+        if text is None:
+            skips.skip("invalid_utf8", f"{path}:{lineno}", error)
+        else:
+            yield lineno, text
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text or None when the line is not valid UTF-8, what is wrong)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8"), ""
             except UnicodeDecodeError as err:
-                skips.skip("invalid_utf8", f"{path}:{lineno}", f"byte {err.start}")
+                yield lineno, None, f"byte {err.start}"
 
 
 def _jsonl(path: Path, text_field: str, skips: Skips) -> Iterator[Document]:
@@ -163,16 +197,28 @@ def _text(path: Path, doc_sep: str, skips: Skips) -> Iterator[Document]:
             else:
                 skips.skip("empty", f"{path}:{lineno}", "blank line")
         return
-    paragraph, first = [], 0
-    for lineno, line in _lines(path, skips):
-        if line.strip():
-            paragraph.append(line.rstrip("\r\n"))
-            first = first or lineno
+    # The unit is the paragraph (document): one with an undecodable line is skipped whole, so the
+    # counts add up (read = kept + skipped) and no document is trained on with a line cut out of it.
+    paragraph, first, bad = [], 0, ""
+
+    def finish() -> Iterator[Document]:
+        if bad:
+            skips.skip("invalid_utf8", f"{path}:{first}", bad)
         elif paragraph:
             yield Document("\n".join(paragraph).strip(), f"{path}:{first}")
-            paragraph, first = [], 0
-    if paragraph:
-        yield Document("\n".join(paragraph).strip(), f"{path}:{first}")
+
+    for lineno, line, error in _decoded_lines(path):
+        if line is None or line.strip():
+            first = first or lineno
+            if line is None:
+                bad = bad or f"line {lineno}, byte {error.removeprefix('byte ')}"
+            else:
+                paragraph.append(line.rstrip("\r\n"))
+        elif first:
+            yield from finish()
+            paragraph, first, bad = [], 0, ""
+    if first:
+        yield from finish()
 
 
 def _dataset_rows(data, name: str, text_field: str, skips: Skips) -> Iterator[Document]:

@@ -62,9 +62,10 @@ def read_pair(src_path: str, tgt_path: str, forbid_empty: bool) -> tuple[list[st
 
 
 def read_split(data_dir: str, split: str) -> tuple[list[str], list[str]]:
-    """GLGE layout ``{split}.src`` / ``{split}.tgt``."""
+    """GLGE layout ``{split}.src`` / ``{split}.tgt``; an empty line is an error in every split (an empty
+    dev reference would silently score as a failure; an empty source has nothing to condition on)."""
     return read_pair(os.path.join(data_dir, f"{split}.src"), os.path.join(data_dir, f"{split}.tgt"),
-                     forbid_empty=split == "train")
+                     forbid_empty=True)
 
 
 @dataclass

@@ -14,11 +14,18 @@ from janus.metrics import QG_TASKS, TASKS, evaluate
 
 
 def read_lines(path: str) -> list[str]:
-    """One sample per line; a final newline ends the last line rather than adding an empty one."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines[-1] == "":
-        lines.pop()
+    """One sample per line; a final newline ends the last line rather than adding an empty one.
+    Empty lines are kept (an empty hypothesis scores 0); invalid UTF-8 is an error naming file and line."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for lineno, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
     return lines
 
 
