@@ -7,6 +7,7 @@ logging, and checkpoints that count only when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +48,9 @@ class FaultInjectionConfig:
     crash_at_step: int = field(default=0, metadata={"help": "testing: hard exit after this step (simulated kill)"})
     crash_in_save_at_step: int = field(default=0, metadata={"help": "testing: die in the middle of this save"})
     nan_at_steps: list[int] = field(default_factory=list, metadata={"help": "testing: poison the loss at these steps"})
+    inf_grad_at_steps: list[int] = field(default_factory=list, metadata={
+        "help": "testing: finite loss but infinite gradients at these steps (an fp16/bf16 overflow)"})
+    signal_at_step: int = field(default=0, metadata={"help": "testing: send SIGUSR1 to this process during this step"})
 
 
 @dataclass
@@ -213,6 +217,58 @@ class _Tracker:
             self.jsonl.close()
 
 
+def build_engine(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps: int):
+    """(DeepSpeed engine, LR scheduler). The same decay / no-decay groups whether torch builds
+    the optimizer or DeepSpeed does (the offload configs name one in the DeepSpeed JSON)."""
+    import deepspeed
+
+    groups = param_groups(model, optim.weight_decay)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    schedule = lr_lambda(optim, max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, model_parameters=None if optimizer is not None else groups,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine, scheduler
+
+
+class _InfiniteGrad(torch.autograd.Function):
+    """Fault injection: identity forward, infinite backward (what an fp16 overflow looks like)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@contextlib.contextmanager
+def _stage0_overflow_guard(engine, out: dict):
+    """Without ZeRO, DeepSpeed neither computes a grad norm nor checks fp32 gradients for
+    overflow, so an infinite gradient would be applied. Around the boundary ``engine.step()``:
+    compute the norm (one sync per optimizer step, on this path only) into ``out["norm"]`` and,
+    when it is not finite, make the optimizer step a no-op and flag it as an overflow, so
+    DeepSpeed skips it exactly like an fp16 overflow (no update, no LR-schedule step,
+    ``was_step_applied()`` False)."""
+    opt = engine.optimizer
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    out["norm"] = norm
+    opt.overflow = not bool(torch.isfinite(norm))
+    if opt.overflow:
+        for p in params:
+            p.grad.zero_()
+        opt.step = lambda *args, **kwargs: None  # instance attribute shadows the class's step
+    try:
+        yield
+    finally:
+        opt.__dict__.pop("step", None)
+        opt.overflow = False
+
+
 def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, loss_fn: Callable,
           model_meta: dict, config_dump: dict, evaluate: Callable[[torch.nn.Module, int], dict] | None = None) -> dict:
     """Run the loop. ``loader`` iterates batches (dicts of tensors) forever and has
@@ -220,8 +276,6 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     ``evaluate(module, step) -> {name: float}`` (collective: every rank calls it) runs every
     ``run.eval_every`` steps and at the end; its numbers go to TensorBoard under ``eval/``.
     Returns a summary dict (also written to ``<save_dir>/train_summary.json``)."""
-    import deepspeed
-
     # SIGUSR1 (Slurm's --signal=USR1@T before walltime) or SIGTERM: save at the next step
     # boundary and exit cleanly, so a requeued job resumes from there.
     stop_signal = {"received": 0}
@@ -229,41 +283,22 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     def request_stop(signum, frame):
         stop_signal["received"] = signum
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, request_stop)
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     world, rank = dist.get_world_size(), dist.get_rank()
     ds_config = resolve_ds_config(run, optim, world)
     accum = ds_config["gradient_accumulation_steps"]
     torch.manual_seed(run.seed + rank)
-    # The same decay / no-decay groups whether torch builds the optimizer or DeepSpeed does
-    # (the offload configs name one in the DeepSpeed JSON).
-    groups = param_groups(model, optim.weight_decay)
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    schedule = lr_lambda(optim, run.max_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, model_parameters=None if optimizer is not None else groups,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    engine, scheduler = build_engine(model, ds_config, optim, run.max_steps)
     dev = device()
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     peak = run.peak_tflops or peak_tflops_for_device(dev, precision(ds_config))
 
     root = os.path.join(run.save_dir, "checkpoints")
     step, nonfinite = 0, 0
-    tag = run.resume if run.resume not in ("auto", "none") else (
-        checkpoint.latest_complete(root) if run.resume == "auto" else None)
+    # Rank 0 chooses (broadcast), every rank verifies; damaged checkpoints fall back loudly (resume_info).
+    tag, client, resume_info = checkpoint.resume(engine, root, run.resume, world)
     if tag:
-        with open(os.path.join(root, tag, "COMPLETE")) as f:
-            saved_world = json.load(f).get("world_size", world)
-        if saved_world != world:
-            raise RuntimeError(
-                f"checkpoint {tag} was written by {saved_world} ranks, this run has {world}. ZeRO optimizer shards "
-                "cannot be loaded at another data-parallel size: convert it with DeepSpeed's ds_to_universal.py and "
-                "load it with \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config, or resume with "
-                f"{saved_world} ranks.")
-        client = checkpoint.load(engine, root, tag)
         step, nonfinite = client["step"], client.get("nonfinite", 0)
         loader.load_state_dict(client["loader"])
         print0(f"resumed from {os.path.join(root, tag)} at step {step}")
@@ -279,6 +314,8 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     sums: dict[str, torch.Tensor] = {}  # device scalars, read back once per log step
     host_sums: dict[str, float] = {}  # host counts (tokens, samples, FLOPs): never on the device
     poisoned: dict[int, bool] = {}
+    overflowed: dict[int, bool] = {}
+    stage0: dict = {}
     step_times: list[float] = []
     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
     skipped_steps, grad_norm, stop, run_tokens = 0, None, 0, 0
@@ -286,7 +323,7 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
         torch.cuda.reset_peak_memory_stats(dev)
     engine.train()
     while step < run.max_steps:
-        step_start, done, stop = time.perf_counter(), 0, 0
+        step_start, done, stop, step_sums = time.perf_counter(), 0, 0, {}
         while done < accum:
             t = time.perf_counter()
             batch = next(batches)
@@ -297,6 +334,11 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
             if step + 1 in run.faults.nan_at_steps and done == 0 and not poisoned.get(step + 1):
                 poisoned[step + 1] = True  # once per listed step: the retry with the next batch is clean
                 loss = loss * float("nan")
+            if step + 1 in run.faults.inf_grad_at_steps and done == 0 and not overflowed.get(step + 1):
+                overflowed[step + 1] = True  # once per listed step, like nan_at_steps
+                loss = _InfiniteGrad.apply(loss)
+            if run.faults.signal_at_step == step + 1 and done == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
             # One fused reduction per micro-batch: [loss not finite, stop signal] (MAX over ranks), so
             # every rank skips the same micro-batch and stops at the same step. It runs before
             # backward on purpose: a non-finite loss must never reach the gradients.
@@ -312,13 +354,14 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
                     raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
                 continue
             engine.backward(loss)
-            if zero_stage == 0 and done == accum - 1:  # DeepSpeed keeps no grad norm without ZeRO: take ours
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                own_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            engine.step()
+            if zero_stage == 0 and done == accum - 1:
+                with _stage0_overflow_guard(engine, stage0):
+                    engine.step()
+            else:
+                engine.step()
             done += 1
             for k, v in scalars.items():
-                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+                step_sums[k] = step_sums[k] + v.detach().float() if k in step_sums else v.detach().float()
             host["flops"] = flops_of(host) if flops_of is not None else 0.0
             for k, v in host.items():
                 host_sums[k] = host_sums.get(k, 0.0) + float(v)
@@ -337,8 +380,10 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
         else:
             step += 1
             window_steps += 1
+            for k, v in step_sums.items():  # the losses of a skipped step are not logged
+                sums[k] = sums[k] + v if k in sums else v
             step_times.append(time.perf_counter() - step_start)
-            norm = own_norm if zero_stage == 0 else engine.get_global_grad_norm()
+            norm = stage0["norm"] if zero_stage == 0 else engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
             if not math.isfinite(grad_norm):
                 nonfinite += 1
@@ -398,6 +443,8 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
             print0(f"signal {stop} received: checkpoint saved at step {step}, stopping")
             break
     tracker.close()
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
     median_step = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
     tokens = torch.tensor([float(run_tokens)], device=dev)
     dist.all_reduce(tokens)
