@@ -173,7 +173,10 @@ janus_launch() {
     # ranks install their own handler), then exec torchrun with this node's rank.
     # The single quotes are deliberate: $SLURM_PROCID must expand on each node, not here.
     # shellcheck disable=SC2016
-    local node_cmd='trap "" USR1; py=$1; shift; exec "$py" -m torch.distributed.run --node_rank "$SLURM_PROCID" "$@"'
+    # DeepSpeed's JIT-built ops (cpu_adam for the offload configs) go to a node-local folder unless
+    # TORCH_EXTENSIONS_DIR is set (e.g. to a pre-built shared copy, see slurm/README.md): many nodes
+    # compiling into one shared home directory race on its lock files.
+    local node_cmd='trap "" USR1; export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_${USER:-janus}}"; py=$1; shift; exec "$py" -m torch.distributed.run --node_rank "$SLURM_PROCID" "$@"'
     local -a cmd=("${launcher[@]}" bash -c "$node_cmd" janus-node "$PYTHON" "${torchrun[@]}" "$entry" "${args[@]}")
 
     _janus_log "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}: $nnodes node(s) x $nproc rank(s), device $device, OMP_NUM_THREADS $OMP_NUM_THREADS, master $master_addr:$master_port"

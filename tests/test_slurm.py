@@ -57,12 +57,28 @@ def _command(proc: subprocess.CompletedProcess) -> str:
     return next(ln for ln in proc.stdout.splitlines() if "command:" in ln).split("command: ", 1)[1].rstrip()
 
 
+def test_node_command_puts_jit_ops_in_a_node_local_folder(tmp_path):
+    """The node command, run as each node runs it: a node-local default, a user's value kept."""
+    node_cmd = _command(_dry_run("slurm/pretrain.sh", {"DEVICE": "cpu", "CONFIG": CONFIG}))
+    script = node_cmd.split("bash -c '", 1)[1].split("' janus-node", 1)[0]
+    probe = script.replace('exec "$py" -m torch.distributed.run --node_rank "$SLURM_PROCID" "$@"',
+                           'echo "$TORCH_EXTENSIONS_DIR"')
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path), "USER": "alice"}
+    out = subprocess.run(["bash", "-c", probe, "janus-node", "python"], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == f"{tmp_path}/torch_extensions_alice"
+    out = subprocess.run(["bash", "-c", probe, "janus-node", "python"], env=env | {"TORCH_EXTENSIONS_DIR": "/shared/ops"},
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "/shared/ops"
+
+
 def test_launch_command_cpu_and_gpu_from_one_script_and_finetune_alike(tmp_path):
     # Outside Slurm: one node on this machine, same composition (the CPU path as in the CI test).
     cpu = _command(_dry_run("slurm/pretrain.sh", {"DEVICE": "cpu", "NPROC_PER_NODE": "2", "CONFIG": CONFIG,
                                                   "SAVE_DIR": "runs/x", "EXTRA_ARGS": "--run.max_steps 3"},
                             "--run.log_every", "1"))
     assert cpu.startswith("bash -c 'trap \"\" USR1;") and '--node_rank "$SLURM_PROCID"' in cpu
+    # JIT-built DeepSpeed ops go to a node-local folder unless the user points at a shared pre-build.
+    assert 'TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_' in cpu
     assert "--nnodes 1 --nproc_per_node 2 --rdzv_backend static --rdzv_endpoint 127.0.0.1:" in cpu
     assert cpu.endswith("pretrain/train.py --config pretrain/configs/tiny_cpu.json --run.save_dir runs/x "
                         "--run.max_steps 3 --run.log_every 1")
