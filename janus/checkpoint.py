@@ -3,28 +3,41 @@
 Layout under ``<save_dir>/checkpoints``::
 
     step_00000100/            DeepSpeed tag dir (model + ZeRO optimizer shards, client state)
-        rng_rank{r}.pt        every rank's RNG states
+        rng_rank{r}.pt        every rank's RNG states (CUDA: the rank's own device only)
+        tokenizer/            the tokenizer the model was trained with (its files only), for export
         model_meta.json       BartConfig + JANUS extras config, to rebuild the model for export
-        COMPLETE              written last, after every rank finished: only then is it a checkpoint
+        COMPLETE              written last, after every rank finished: only then is it a checkpoint;
+                              JSON: step, world_size, ... and "files": size (and sha256 when small)
+                              of every other file of the tag dir
     latest                    name of the newest complete tag (replaced atomically)
+    resume_log.jsonl          one line per resume: the tag, the damaged ones skipped
 
 An interrupted save leaves a tag dir without ``COMPLETE``; it is ignored (and cleaned up by the
-next successful save), so the previous checkpoint stays the one that resumes.
+next successful save), so the previous checkpoint stays the one that resumes. ``resume`` checks
+every file against ``COMPLETE`` before loading, and falls back to the previous complete
+checkpoint, loudly, when one is missing or has the wrong size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
 
 import numpy as np
 import torch
 
-from janus.distributed import barrier, is_rank0
+from janus.distributed import barrier, is_rank0, print0
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
+MARKER = "COMPLETE"
+HASHED_MAX_BYTES = 16 << 20  # files up to this size (RNG, meta, tokenizer) also get a sha256 in COMPLETE
+VIEW_RETRY_S = 5.0  # ranks disagreeing about a checkpoint's files (a lagging shared file system): look again once
+RESUME_LOG = "resume_log.jsonl"
 
 
 def tag_for(step: int) -> str:
@@ -57,8 +70,8 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: the other visible devices belong to other ranks
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -67,8 +80,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible device's state
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save(engine, root: str, step: int, client_state: dict, model_meta: dict, keep_last: int,
@@ -86,12 +103,217 @@ def save(engine, root: str, step: int, client_state: dict, model_meta: dict, kee
         os._exit(23)
     barrier()
     if is_rank0():
-        _write_atomic(os.path.join(path, "model_meta.json"), json.dumps(model_meta, indent=2))
-        _write_atomic(os.path.join(path, "COMPLETE"), json.dumps({"step": step, **client_state.get("summary", {})}))
+        meta = dict(model_meta)
+        meta["tokenizer_files"] = _store_tokenizer(path, model_meta)
+        _write_atomic(os.path.join(path, "model_meta.json"), json.dumps(meta, indent=2))
+    files = _gathered_listing(path)  # every rank's view merged: rank 0 alone may not see others' files yet
+    if is_rank0():
+        marker = {"step": step, **client_state.get("summary", {}), "files": files}
+        _write_atomic(os.path.join(path, MARKER), json.dumps(marker))
         _write_atomic(os.path.join(root, "latest"), tag)
         _prune(root, keep_last)
     barrier()
     return tag
+
+
+def _store_tokenizer(path: str, model_meta: dict) -> dict | None:
+    """Copy the run's tokenizer files (never model weights that share the folder) into the tag dir, so an
+    export ships the tokenizer the model was trained with even if the original folder changes later.
+    Returns their sha256 by name (None: nothing stored)."""
+    from data_pipeline.tokenizer import file_hashes, tokenizer_files, tokenizer_problems
+
+    source = model_meta.get("tokenizer_dir")
+    if not source or not os.path.isdir(source) or not tokenizer_files(source):
+        return None
+    record = model_meta.get("tokenizer")
+    if isinstance(record, dict) and record.get("sha256"):
+        problems = tokenizer_problems(source, record, against="the one training started with",
+                                      why="the tokenizer folder changed during training")
+        if problems:
+            print(f"WARNING: not storing the tokenizer with checkpoint {path}: " + "; ".join(problems)
+                  + ". Restore the folder; export will refuse a tokenizer that does not match", file=sys.stderr, flush=True)
+            return None
+    target = os.path.join(path, "tokenizer")
+    os.makedirs(target, exist_ok=True)
+    for file in tokenizer_files(source):
+        shutil.copy2(file, os.path.join(target, file.name))
+    return file_hashes(target)
+
+
+def _listing(path: str) -> dict[str, dict]:
+    """relative path -> {"size"[, "sha256"]} of every file under a tag dir except the marker."""
+    out = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, path)
+            if rel == MARKER or ".tmp" in name:
+                continue
+            size = os.path.getsize(full)
+            out[rel] = {"size": size}
+            if size <= HASHED_MAX_BYTES:
+                out[rel]["sha256"] = _sha256(full)
+    return out
+
+
+def _gathered_listing(path: str) -> dict[str, dict]:
+    """Collective: the union of every rank's listing; per file the entry with the largest size (the writer's
+    own view is complete; another node's may lag behind it, never ahead)."""
+    mine = _listing(path)
+    views = [mine]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        views = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(views, mine)
+    merged: dict[str, dict] = {}
+    for view in views:
+        for rel, entry in view.items():
+            if rel not in merged or entry["size"] > merged[rel]["size"]:
+                merged[rel] = entry
+    return dict(sorted(merged.items()))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_marker(root: str, tag: str) -> dict:
+    with open(os.path.join(root, tag, MARKER)) as f:
+        text = f.read()
+    try:
+        marker = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {"unreadable": True}
+    return marker if isinstance(marker, dict) else {"unreadable": True}
+
+
+def verify_tag(root: str, tag: str) -> list[str]:
+    """Problems of a complete checkpoint as this process sees it ("PATH: what"); empty: intact. Every file
+    recorded in COMPLETE must be there with its size (and sha256 for small files); whatever the record, the
+    meta and one RNG file per saving rank must exist. Cheap: stats plus hashing the small files."""
+    path = os.path.join(root, tag)
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        return [f"{os.path.join(path, MARKER)}: missing (not a complete checkpoint)"]
+    marker = read_marker(root, tag)
+    if marker.get("unreadable"):
+        return [f"{os.path.join(path, MARKER)}: unreadable JSON"]
+    problems = []
+    for rel, entry in (marker.get("files") or {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            problems.append(f"{full}: missing")
+        elif (size := os.path.getsize(full)) != entry["size"]:
+            problems.append(f"{full}: {size} bytes, expected {entry['size']} (truncated or overwritten)")
+        elif "sha256" in entry and _sha256(full) != entry["sha256"]:
+            problems.append(f"{full}: sha256 differs from the one recorded at save (overwritten)")
+    required = ["model_meta.json"] + [f"rng_rank{r}.pt" for r in range(int(marker.get("world_size", 1)))]
+    for rel in required:
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full) and f"{full}: missing" not in problems:
+            problems.append(f"{full}: missing")
+    return problems
+
+
+def _broadcast(obj):
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _all_gather(obj) -> list:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        views = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(views, obj)
+        return views
+    return [obj]
+
+
+def _agreed_problems(root: str, tag: str) -> list[str]:
+    """Collective: every rank verifies the tag; the problems any rank sees (with its rank when not all see them)."""
+    views = _all_gather(verify_tag(root, tag))
+    if any(views) and not all(views):  # ranks disagree: give a lagging shared file system a moment
+        time.sleep(VIEW_RETRY_S)
+        views = _all_gather(verify_tag(root, tag))
+    merged: dict[str, list[int]] = {}
+    for rank, problems in enumerate(views):
+        for problem in problems:
+            merged.setdefault(problem, []).append(rank)
+    everyone = len(views)
+    return [p if len(ranks) == everyone else f"{p} (seen by rank {', '.join(map(str, ranks))})" for p, ranks in merged.items()]
+
+
+def resume(engine, root: str, requested: str, world_size: int) -> tuple[str | None, dict, dict]:
+    """Collective: choose, verify and load the checkpoint to resume from. Returns (tag or None, client state,
+    info = {"requested", "tag", "fallbacks", "skipped": [{"tag", "problems"}]}).
+
+    ``requested``: "none" (fresh start), "auto" (the newest complete checkpoint under ``root``; none there:
+    fresh start) or a tag. Rank 0 lists the checkpoints and broadcasts the candidates, so every rank
+    loads the same one whatever its file system shows. Each candidate is verified on every rank against
+    its COMPLETE record; a damaged one is skipped with a loud warning (auto) -- the previous complete one
+    is used, each skip counted in info["fallbacks"] and in ``root/resume_log.jsonl`` -- or refused (an
+    explicit tag: no silent substitute). When no complete checkpoint is usable it refuses, naming every
+    problem. A checkpoint written at another world size is refused as before (ZeRO shards)."""
+    info: dict = {"requested": requested, "tag": None, "fallbacks": 0, "skipped": []}
+    if requested == "none":
+        return None, {}, info
+    plan = None
+    if is_rank0():
+        tags = complete_tags(root)
+        if requested == "auto":
+            plan = (tags[::-1], None)
+        elif requested in tags:
+            plan = ([requested], None)
+        else:
+            state = "incomplete (no COMPLETE marker)" if os.path.isdir(os.path.join(root, requested)) else "does not exist"
+            plan = ([], f"--run.resume {requested}: checkpoint {os.path.join(root, requested)} {state}; complete "
+                        f"checkpoints: {', '.join(tags) or 'none'} (or --run.resume auto | none)")
+    candidates, error = _broadcast(plan)
+    if error:
+        raise FileNotFoundError(error)
+    chosen = None
+    for tag in candidates:
+        problems = _agreed_problems(root, tag)
+        if not problems:
+            chosen = tag
+            break
+        detail = "\n  ".join(problems)
+        if requested != "auto":
+            raise RuntimeError(f"checkpoint {os.path.join(root, tag)} is damaged:\n  {detail}\nRestore those files, or "
+                               f"resume from another complete checkpoint with --run.resume TAG ({', '.join(candidates)} "
+                               "was asked for) or --run.resume auto")
+        info["fallbacks"] += 1
+        info["skipped"].append({"tag": tag, "problems": problems})
+        if is_rank0():
+            print(f"WARNING: checkpoint {os.path.join(root, tag)} is damaged, skipping it:\n  {detail}\n"
+                  "WARNING: falling back to the previous complete checkpoint", file=sys.stderr, flush=True)
+    if chosen is None:
+        if candidates:
+            listing = "\n".join(f"  {s['tag']}:\n    " + "\n    ".join(s["problems"]) for s in info["skipped"])
+            raise RuntimeError(f"no usable checkpoint in {root}: every complete checkpoint is damaged:\n{listing}\n"
+                               "Restore the files named above, or start over deliberately with --run.resume none "
+                               "(ideally with a new --run.save_dir, as the next saves replace these)")
+        return None, {}, info
+    saved_world = read_marker(root, chosen).get("world_size", world_size)
+    if saved_world != world_size:
+        raise RuntimeError(
+            f"checkpoint {chosen} was written by {saved_world} ranks, this run has {world_size}. ZeRO optimizer shards "
+            "cannot be loaded at another data-parallel size: convert it with DeepSpeed's ds_to_universal.py and "
+            "load it with \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config, or resume with "
+            f"{saved_world} ranks.")
+    client = load(engine, root, chosen)
+    info["tag"] = chosen
+    if is_rank0():
+        with open(os.path.join(root, RESUME_LOG), "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}) + "\n")
+        if info["fallbacks"]:
+            print(f"WARNING: resumed from {chosen} after skipping {info['fallbacks']} damaged newer checkpoint(s): "
+                  + ", ".join(s["tag"] for s in info["skipped"]), file=sys.stderr, flush=True)
+    return chosen, client, info
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -108,18 +330,26 @@ def _prune(root: str, keep_last: int) -> None:
 
 
 def load(engine, root: str, tag: str) -> dict:
-    """Restore model/optimizer/scheduler through DeepSpeed and this rank's RNG; returns client state."""
+    """Restore model/optimizer/scheduler through DeepSpeed and this rank's RNG; returns client state.
+    A checkpoint missing this rank's RNG file is incomplete (resume would not be exact): an error."""
     path = os.path.join(root, tag)
-    if not os.path.exists(os.path.join(path, "COMPLETE")):
+    if not os.path.exists(os.path.join(path, MARKER)):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-    load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     rank = torch.distributed.get_rank()
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    if not os.path.isfile(rng_file):
+        raise FileNotFoundError(f"{rng_file}: missing: checkpoint {path} is incomplete (an exact resume needs every "
+                                "rank's RNG state); resume from another complete checkpoint with --run.resume TAG")
+    try:
+        load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file that passed the size check, or a foreign layout
+        raise RuntimeError(f"loading checkpoint {path} failed ({type(err).__name__}: {err}); a file in it is damaged: "
+                           "restore it, or resume from another complete checkpoint with --run.resume TAG") from err
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    set_rng_state(rng)
     return client_state
 
 
@@ -138,6 +368,38 @@ def averaged_state_dict(root: str, tags: list[str]) -> dict[str, torch.Tensor]:
         for k, v in consolidated_state_dict(root, tag).items():
             total[k] = total[k] + v.double() if k in total else v.double()
     return {k: (v / len(tags)).float() for k, v in total.items()}
+
+
+def _export_tokenizer(root: str, tag: str, meta: dict) -> str | None:
+    """The tokenizer folder to ship with an export: the copy stored in the checkpoint (checked against the
+    hashes recorded at save), else -- a checkpoint from before tokenizers were stored -- the run's tokenizer
+    folder, only if it still is the one the model was trained with. None (with a warning): there is none."""
+    from data_pipeline.tokenizer import tokenizer_files, tokenizer_problems
+
+    record = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    stored = os.path.join(root, tag, "tokenizer")
+    if os.path.isdir(stored):
+        problems = tokenizer_problems(stored, record, meta.get("tokenizer_files"), against="the one recorded at save",
+                                      why="the checkpoint's copy was changed")
+        if problems:
+            raise ValueError(f"checkpoint {os.path.join(root, tag)}: its tokenizer copy is damaged: " + "; ".join(problems)
+                             + "; restore it (from the shards folder's tokenizer/ if unchanged) or export another --tag")
+        return stored
+    source = meta.get("tokenizer_dir")
+    if not source or not os.path.isdir(source) or not tokenizer_files(source):
+        print(f"WARNING: checkpoint {tag} holds no tokenizer and its run's tokenizer folder {source} is gone: exporting "
+              "without one; copy the tokenizer the model was trained with into the export", file=sys.stderr, flush=True)
+        return None
+    if record.get("sha256"):
+        problems = tokenizer_problems(source, record, against="the one the model was trained with",
+                                      why="the tokenizer folder changed after training")
+        if problems:
+            raise ValueError("refusing to export with a different tokenizer: " + "; ".join(problems)
+                             + "; restore that folder, or copy the right tokenizer into the export yourself")
+    else:
+        print(f"WARNING: checkpoint {tag} holds no tokenizer: copying {source} unverified (checkpoints written from now on "
+              "store their tokenizer)", file=sys.stderr, flush=True)
+    return source
 
 
 def read_model_meta(root: str, tag: str) -> dict:
@@ -188,20 +450,29 @@ def export(save_dir: str, out: str, tag: str | None = None, average: int = 0) ->
         if average > len(tags):
             raise ValueError(f"--average {average}: only {len(tags)} complete checkpoints in {root}")
         chosen = tags[-average:]
-        state = averaged_state_dict(root, chosen)
     else:
         chosen = [tag or tags[-1]]
         if chosen[0] not in tags:
             raise FileNotFoundError(f"{root}/{chosen[0]} is not a complete checkpoint; have {tags}")
-        state = consolidated_state_dict(root, chosen[0])
-    meta = read_model_meta(root, chosen[-1])
+    for t in chosen:  # name the damaged file instead of failing somewhere inside the consolidation
+        if problems := verify_tag(root, t):
+            raise ValueError(f"checkpoint {os.path.join(root, t)} is damaged:\n  " + "\n  ".join(problems)
+                             + "\nrestore the files, or export another checkpoint with --tag")
+    metas = [read_model_meta(root, t) for t in chosen]
+    meta = metas[-1]
+    if len({json.dumps(m.get("tokenizer_files"), sort_keys=True) for m in metas if m.get("tokenizer_files")}) > 1:
+        raise ValueError(f"--average {average}: the checkpoints {chosen} were saved with different tokenizers")
+    tokenizer = _export_tokenizer(root, chosen[-1], meta)  # checked before anything is written
+    state = averaged_state_dict(root, chosen) if average else consolidated_state_dict(root, chosen[0])
     model = model_from_state(state, meta)
     model.save_pretrained(out)
-    tok_dir = meta.get("tokenizer_dir")
-    if tok_dir and os.path.isdir(tok_dir):
-        for name in os.listdir(tok_dir):
-            shutil.copy2(os.path.join(tok_dir, name), os.path.join(out, name))
-    info = {"source": root, "tags": chosen, "averaged": len(chosen) > 1, "out": out}
+    if tokenizer is not None:
+        from data_pipeline.tokenizer import tokenizer_files
+
+        for file in tokenizer_files(tokenizer):
+            shutil.copy2(file, os.path.join(out, file.name))
+    info = {"source": root, "tags": chosen, "averaged": len(chosen) > 1, "out": out,
+            "tokenizer": None if tokenizer is None else str(tokenizer)}
     with open(os.path.join(out, "export_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     return info

@@ -6,7 +6,10 @@
 
 The folder loads with ``BartForConditionalGeneration.from_pretrained`` (tied embeddings
 checked identical before writing) and with ``JanusBart.from_bart`` (JANUS extras included);
-the tokenizer the shards were built with is copied in when it is found.
+the tokenizer the model was trained with is copied in: the copy each checkpoint stores (checked against
+the hashes recorded at save); for older checkpoints the run's tokenizer folder, only while it still
+matches the one training started with. A damaged checkpoint or a mismatching tokenizer is refused,
+naming the file.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", help="checkpoint tag (default: newest complete)")
     p.add_argument("--average", type=int, default=0, help="average the last K complete checkpoints")
     args = p.parse_args(argv)
-    info = export(args.save_dir, args.out, args.tag, args.average)
+    try:
+        info = export(args.save_dir, args.out, args.tag, args.average)
+    except (OSError, ValueError) as err:
+        p.exit(2, f"error: {err}\n")
     print(json.dumps(info))
     return info
 
