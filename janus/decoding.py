@@ -18,30 +18,65 @@ within ``prune_margin`` of their source's best mean log-prob go on (margin 0: th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from janus.model import JanusBart
 
 
+def _check(cls: str, name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{cls}.{name} = {value!r}: must be {allowed}")
+
+
 @dataclass
 class BeamConfig:
-    beam: int = 5
-    max_len: int = 64  # generated tokens, EOS included
-    min_len: int = 1
-    length_penalty: float = 1.0  # score = sum log p / len ** length_penalty
-    no_repeat_ngram: int = 0
+    beam: int = field(default=5, metadata={"help": "AR: beam size (1 = greedy)"})
+    max_len: int = field(default=64, metadata={"help": "longest output in generated tokens, <s> and </s> included"})
+    min_len: int = field(default=1, metadata={"help": "AR: </s> is banned before this many generated tokens"})
+    length_penalty: float = field(default=1.0, metadata={"help": "AR: score = sum log p / len ** length_penalty"})
+    no_repeat_ngram: int = field(default=0, metadata={"help": "AR: ban repeating any n-gram of this size (0 = off)"})
+
+    def __post_init__(self):
+        c = "BeamConfig"
+        _check(c, "beam", self.beam, isinstance(self.beam, int) and self.beam >= 1, "an integer >= 1 (1 = greedy)")
+        _check(c, "max_len", self.max_len, isinstance(self.max_len, int) and self.max_len >= 1,
+               "an integer >= 1 (generated tokens, </s> included)")
+        _check(c, "min_len", self.min_len, isinstance(self.min_len, int) and 0 <= self.min_len <= self.max_len,
+               f"an integer in [0, max_len = {self.max_len}]")
+        _check(c, "length_penalty", self.length_penalty, math.isfinite(self.length_penalty), "a finite number")
+        _check(c, "no_repeat_ngram", self.no_repeat_ngram,
+               isinstance(self.no_repeat_ngram, int) and self.no_repeat_ngram >= 0, "an integer >= 0 (0 = off)")
 
 
 @dataclass
 class MaskPredictConfig:
-    iterations: int = 0  # refinement passes after the first (T); T + 1 passes in all
-    length_candidates: int = 5
-    length_offsets: bool = False  # fairseq variant: argmax length + offsets instead of top-k lengths
-    max_len: int = 64
-    prune_after: int = 0  # > 0: after this many passes drop the clearly losing length candidates
-    prune_margin: float = 0.0  # ... those whose mean log-prob trails the best by more than this
+    iterations: int = field(default=0, metadata={
+        "help": "NAR: refinement passes after the first parallel pass (T); T + 1 decoder passes in all"})
+    length_candidates: int = field(default=5, metadata={"help": "NAR: target lengths decoded per source"})
+    length_offsets: bool = field(default=False, metadata={
+        "help": "NAR: argmax length +- offsets (fairseq) instead of the top-k lengths"})
+    max_len: int = field(default=64, metadata={"help": "longest output in tokens, <s> and </s> included"})
+    prune_after: int = field(default=0, metadata={
+        "help": "NAR: after this many passes keep only the best length candidates (0 = off)"})
+    prune_margin: float = field(default=0.0, metadata={
+        "help": "NAR with prune_after: also keep lengths whose mean log-prob is within this of the best"})
+
+    def __post_init__(self):
+        c = "MaskPredictConfig"
+        _check(c, "iterations", self.iterations, isinstance(self.iterations, int) and self.iterations >= 0,
+               "an integer >= 0 (refinement passes after the first; 0 = a single pass)")
+        _check(c, "max_len", self.max_len, isinstance(self.max_len, int) and self.max_len >= 2,
+               "an integer >= 2 (lengths count <s> and </s>)")
+        _check(c, "length_candidates", self.length_candidates,
+               isinstance(self.length_candidates, int) and 1 <= self.length_candidates <= self.max_len - 1,
+               f"an integer in [1, max_len - 1 = {self.max_len - 1}] (the lengths 2..max_len)")
+        _check(c, "prune_after", self.prune_after, isinstance(self.prune_after, int) and self.prune_after >= 0,
+               "an integer >= 0 (0 = off)")
+        _check(c, "prune_margin", self.prune_margin, self.prune_margin >= 0 and not math.isnan(self.prune_margin),
+               "a number >= 0 (inf keeps every candidate)")
 
 
 class ARStepper:
@@ -99,6 +134,18 @@ def _ban_repeated_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> to
     return padded[:, :-1]
 
 
+def step_bans(logp: torch.Tensor, t: int, tokens: torch.Tensor, max_len: int, min_len: int, no_repeat_ngram: int,
+              eos: int) -> torch.Tensor:
+    """The length limits and n-gram bans of AR step ``t`` (0-based) on [R, V] log-probs, given the
+    [R, t] tokens generated so far: </s> banned before ``min_len`` tokens, only </s> at the last
+    slot, no repeated n-gram. Shared by beam search and the exact replay of speculative decoding."""
+    if t + 1 < min_len:
+        logp[:, eos] = float("-inf")
+    if t == max_len - 1:  # the last slot can only close the hypothesis
+        logp = torch.full_like(logp, float("-inf")).index_fill_(1, torch.tensor([eos], device=logp.device), 0.0) + logp
+    return _ban_repeated_ngrams(logp, tokens, no_repeat_ngram)
+
+
 @torch.no_grad()
 def beam_search(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 cfg: BeamConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,12 +162,8 @@ def beam_search(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch
     fin_tokens = torch.full((B, K, cfg.max_len), pad, dtype=torch.long, device=dev)
     batch_offset = (torch.arange(B, device=dev) * K)[:, None]
     for t in range(cfg.max_len):
-        logp = _never_special(stepper.step(prev), model)
-        if t + 1 < cfg.min_len:
-            logp[:, eos] = float("-inf")
-        if t == cfg.max_len - 1:  # the last slot can only close the hypothesis
-            logp = torch.full_like(logp, float("-inf")).index_fill_(1, torch.tensor([eos], device=dev), 0.0) + logp
-        logp = _ban_repeated_ngrams(logp, tokens, cfg.no_repeat_ngram)
+        logp = step_bans(_never_special(stepper.step(prev), model), t, tokens, cfg.max_len, cfg.min_len,
+                         cfg.no_repeat_ngram, eos)
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)
         beam_idx, tok = top_idx // V, top_idx % V

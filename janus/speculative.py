@@ -1,0 +1,446 @@
+"""Self-speculative decoding: one JANUS model drafts with its NAR pattern and verifies with its AR
+query stream; the output is token-identical to greedy AR decoding (``beam_search`` with beam 1).
+
+JANUS trains one set of weights for both patterns, so no second model is needed. A **cycle** is:
+
+1. **Draft** (only when a row has no usable draft left, see below): one CMLM pass of the NAR pattern
+   over a canvas ``[accepted prefix y_0..y_{L-1} | <mask> x (N - L)]`` at positions ``1..N``
+   (bidirectional over the canvas, exactly a mask-predict refinement pass with the prefix unmasked).
+   ``N`` is the length head's most likely target length among those longer than the prefix
+   (``draft_length="head"``), or ``L + window`` (``"window"``, and for models without a length
+   head). The draft is the best token of every masked slot (never <pad>/<mask>), cut after its
+   first </s>; the last decoder layer and the vocabulary projection run only the drafted slots.
+2. **Verify**: one pass of the AR pattern over ``w + 1`` content tokens (the last accepted token
+   and ``w`` draft tokens, at positions ``L..L+w``) and ``w + 1`` queries (positions
+   ``L+1..L+w+1``). Content keys/values of the accepted prefix come from a per-row cache (rows hold
+   different numbers of tokens: one padded buffer, a causal key mask), as in ``ARStepper``; the new
+   content keys/values are written into it, so accepted tokens are never recomputed.
+3. **Accept** the longest draft prefix whose tokens equal the AR's greedy choice (same bans as beam
+   search: never <pad>/<mask>, </s> only after ``min_len`` and forced at ``max_len``, no repeated
+   n-gram computed on the draft-extended prefix), then append the AR's own token at the first
+   disagreement (or after a fully accepted draft). Every cycle commits at least one token.
+
+**Re-drafting only as needed.** After a rejection at slot j the draft beyond j is kept (still at
+its slots: a substitution error leaves the rest right) and verified next cycle at no drafting cost.
+A new draft pass runs only when a row's draft is used up or its first verified token was rejected.
+
+**Adaptive guard** (``adaptive=True``). A fresh draft is verified over the full ``window``; the
+stale remainder after a rejection over ``min(window, 2 * accepted)``. When a fresh draft has its
+first token rejected, the row stops drafting for ``backoff`` cycles (plain greedy-like steps: one
+content token + one query, window 0), and the pause doubles after each further failure up to
+``max_backoff``; an accepted draft token resets it. So on a model whose drafts are useless the
+draft passes become logarithmically rare and the cost tends to plain greedy's.
+
+**Exactness.** Greedy's decision at a slot is ``topk`` of ``score + log p`` in float32, and the
+verifier reproduces that arithmetic (sequential float32 score sums, the same ``topk``). But one
+pass over many positions is not bit-identical to many incremental steps (BLAS kernels and
+attention reductions depend on the number of rows: ~1e-6 in log-prob at small dims, more at
+bart-base dims), so a near-tie could flip. Every token is therefore *certified*: the verifier's
+top-1 must beat the runner-up by more than ``tie_margin`` (+ 4 float ulps of the score; default
+1e-4 in float32, 30x the largest discrepancy measured, 3e-6 at bart-base dims), which makes the incremental decoder choose
+the same token. An uncertified slot (a near-tie) is resolved by an **exact replay**: the
+incremental ``ARStepper`` on that source alone, teacher-forced through the committed prefix, whose
+arithmetic is exactly ``beam_search``'s on that source (the replay's state is kept, so later
+near-ties of the row cost only the new steps). Hence the output equals ``beam_search(beam=1)`` on
+every source alone; a batched ``beam_search`` itself agrees with that except at its own
+sub-1e-5 near-ties. Tests check this on random models (poor drafts, many replays) and a trained
+one (good drafts), at batch 1 and batch > 1.
+
+**Relaxed acceptance** (``relaxed_topk > 0``; NOT lossless): a draft token is also accepted when
+it is among the AR's ``relaxed_topk`` best and its log-prob is within ``relaxed_margin`` of the
+best (GAD++ style); the AR's own tokens are still certified.
+
+All rows of a batch advance together: every tensor is padded across rows and masked, rows leave
+the batch when they finish; there is no Python loop over rows except the rare exact replay.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from janus.decoding import ARStepper, _bidirectional_mask, _check, _never_special, step_bans
+from janus.model import JanusBart, _heads, _merge
+
+DRAFT_LENGTHS = ("head", "window")
+
+
+@dataclass
+class SpecConfig:
+    window: int = field(default=16, metadata={"help": "speculative: most draft tokens verified in one AR pass"})
+    max_len: int = field(default=64, metadata={"help": "longest output in generated tokens, <s> and </s> included"})
+    min_len: int = field(default=1, metadata={"help": "AR: </s> is banned before this many generated tokens"})
+    no_repeat_ngram: int = field(default=0, metadata={"help": "AR: ban repeating any n-gram of this size (0 = off)"})
+    draft_length: str = field(default="head", metadata={
+        "help": "speculative: draft canvas length: 'head' (the length head's best length above the prefix) "
+                "or 'window' (prefix + window masks)", "choices": DRAFT_LENGTHS})
+    adaptive: bool = field(default=True, metadata={
+        "help": "speculative: shrink the window after rejections and pause drafting after failed drafts"})
+    backoff: int = field(default=4, metadata={"help": "speculative: greedy-only cycles after a failed draft"})
+    max_backoff: int = field(default=64, metadata={"help": "speculative: longest pause (the pause doubles)"})
+    relaxed_topk: int = field(default=0, metadata={
+        "help": "speculative, NOT lossless: also accept a draft token within the AR's top-k (0 = exact)"})
+    relaxed_margin: float = field(default=0.0, metadata={
+        "help": "speculative, NOT lossless: ... and within this log-prob of the AR's best"})
+    tie_margin: float | None = field(default=None, metadata={
+        "help": "speculative: log-prob margin a token needs to be certified without an exact replay "
+                "(default: 1e-4 float32, 1e-9 float64, 0.1 bfloat16/float16)"})
+
+    def __post_init__(self):
+        c = "SpecConfig"
+        _check(c, "window", self.window, isinstance(self.window, int) and self.window >= 1, "an integer >= 1")
+        _check(c, "max_len", self.max_len, isinstance(self.max_len, int) and self.max_len >= 1,
+               "an integer >= 1 (generated tokens, </s> included)")
+        _check(c, "min_len", self.min_len, isinstance(self.min_len, int) and 0 <= self.min_len <= self.max_len,
+               f"an integer in [0, max_len = {self.max_len}]")
+        _check(c, "no_repeat_ngram", self.no_repeat_ngram,
+               isinstance(self.no_repeat_ngram, int) and self.no_repeat_ngram >= 0, "an integer >= 0 (0 = off)")
+        _check(c, "draft_length", self.draft_length, self.draft_length in DRAFT_LENGTHS, f"one of {DRAFT_LENGTHS}")
+        _check(c, "backoff", self.backoff, isinstance(self.backoff, int) and self.backoff >= 1, "an integer >= 1")
+        _check(c, "max_backoff", self.max_backoff, isinstance(self.max_backoff, int) and self.max_backoff >= self.backoff,
+               f"an integer >= backoff = {self.backoff}")
+        _check(c, "relaxed_topk", self.relaxed_topk, isinstance(self.relaxed_topk, int) and self.relaxed_topk >= 0,
+               "an integer >= 0 (0 = exact acceptance)")
+        _check(c, "relaxed_margin", self.relaxed_margin, self.relaxed_margin >= 0 and math.isfinite(self.relaxed_margin),
+               "a finite number >= 0")
+        if self.tie_margin is not None:
+            _check(c, "tie_margin", self.tie_margin, self.tie_margin >= 0 and not math.isnan(self.tie_margin),
+                   "a number >= 0, or None for the dtype's default")
+
+    @property
+    def lossless(self) -> bool:
+        return self.relaxed_topk == 0
+
+    def margin_for(self, dtype: torch.dtype) -> float:
+        if self.tie_margin is not None:
+            return self.tie_margin
+        return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 0.1)
+
+
+class _Verifier:
+    """AR query-stream passes over several new content tokens per row, on a padded per-row cache of
+    content keys/values (row r holds positions ``0..L_r - 1``)."""
+
+    def __init__(self, model: JanusBart, cross: list, cross_mask: torch.Tensor, rows: int, capacity: int):
+        self.model = model
+        self.cross, self.cross_mask = cross, cross_mask
+        H = model.config.decoder_attention_heads
+        k0 = cross[0][0]
+        shape = (rows, H, capacity, model.config.d_model // H)
+        self.k = [k0.new_zeros(shape) for _ in cross]
+        self.v = [k0.new_zeros(shape) for _ in cross]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        self.cross_mask = self.cross_mask.index_select(0, index)
+
+    def run(self, content: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        """``content`` [R, W+1] at positions ``L..L+W``; returns the last-layer states [R, W+1, D] of
+        the queries at ``L+1..L+W+1`` (query i sees content positions <= L + i)."""
+        m = self.model
+        R, n = content.shape
+        H = m.config.decoder_attention_heads
+        dev = content.device
+        offs = torch.arange(n, device=dev)
+        thr = L[:, None] + offs  # content slot i sits at position L + i; query i sees keys <= L + i
+        limit = m.config.max_position_embeddings - 1
+        tokens = torch.cat([content, torch.full_like(content, m.mask_token_id)], 1)
+        positions = torch.cat([thr, thr + 1], 1).clamp(max=limit)  # clamped slots are padding only
+        keys = int(L.max()) + n
+        both = torch.cat([thr, thr], 1)
+        mask = (torch.arange(keys, device=dev)[None, None, :] <= both[:, :, None]).unsqueeze(1)
+        write = thr[:, None, :, None].expand(R, H, n, self.k[0].shape[-1])
+        h = m.embed_decoder(tokens, positions)
+        layers = m.model.decoder.layers
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            sa = layer.self_attn
+            src = h[:, :n]
+            self.k[i].scatter_(2, write, _heads(sa.k_proj(src), H))
+            self.v[i].scatter_(2, write, _heads(sa.v_proj(src), H))
+            x = h[:, n:] if last else h  # the last layer's content rows are never needed
+            a = F.scaled_dot_product_attention(_heads(sa.q_proj(x), H), self.k[i][:, :, :keys],
+                                               self.v[i][:, :, :keys], attn_mask=mask[:, :, n:] if last else mask,
+                                               scale=sa.scaling)
+            x = layer.self_attn_layer_norm(x + sa.out_proj(_merge(a)))
+            ca = layer.encoder_attn
+            a = F.scaled_dot_product_attention(_heads(ca.q_proj(x), H), *self.cross[i], attn_mask=self.cross_mask,
+                                               scale=ca.scaling)
+            x = layer.encoder_attn_layer_norm(x + ca.out_proj(_merge(a)))
+            h = layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
+        return h
+
+
+def _ban_ngrams_windowed(lp: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
+    """``_ban_repeated_ngrams`` at every verified slot at once: slot (r, i) has the ``t[r, i]`` tokens
+    ``seq[r, :t[r, i]]`` before it. lp [R, S, V], seq [R, T], t [R, S]."""
+    if n <= 0:
+        return lp
+    R, S, V = lp.shape
+    T = seq.shape[1]
+    if n == 1:  # every token already generated is banned
+        seen = torch.arange(T, device=seq.device)[None, None, :] < t[:, :, None]  # [R, S, T]
+        banned = torch.where(seen, seq[:, None, :], V)
+    else:
+        if T < n:
+            return lp
+        grams = seq.unfold(1, n, 1)  # [R, G, n]: grams[r, g] = seq[r, g:g+n]
+        G = grams.shape[1]
+        sidx = (t[:, :, None] - n + 1 + torch.arange(n - 1, device=seq.device)).clamp(min=0)  # [R, S, n-1]
+        suffix = seq.gather(1, sidx.view(R, -1)).view(R, S, n - 1)
+        hit = (grams[:, None, :, :-1] == suffix[:, :, None, :]).all(-1)  # [R, S, G]
+        complete = torch.arange(G, device=seq.device)[None, None, :] <= (t[:, :, None] - n)  # gram ends before t
+        hit &= complete & (t[:, :, None] >= n)
+        banned = torch.where(hit, grams[:, None, :, -1].expand(R, S, G), V)
+    padded = torch.cat([lp, lp.new_zeros(R, S, 1)], 2).scatter(2, banned, float("-inf"))
+    return padded[..., :V]
+
+
+class _Replay:
+    """Exact greedy arithmetic for one source: ``beam_search(beam=1)`` on that source alone,
+    teacher-forced through committed tokens; resolves near-ties."""
+
+    def __init__(self, model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        x = input_ids[attention_mask.bool()][None]
+        am = torch.ones_like(x)
+        self.model = model
+        self.stepper = ARStepper(model, model.encode(x, am), am, copies=1)
+        self.steps = 0
+        self.score = torch.zeros(1, device=x.device)
+        self.prev = torch.full((1,), model.config.decoder_start_token_id, dtype=torch.long, device=x.device)
+        self.disagreements = 0  # committed tokens greedy would not have chosen (must stay 0)
+
+    def token_at(self, t: int, seq: torch.Tensor, cfg: SpecConfig) -> tuple[int, torch.Tensor]:
+        """Greedy's token at slot ``t`` given the committed ``seq[:t]`` (a 1-D tensor) and its score."""
+        eos = self.model.config.eos_token_id
+        while True:
+            k = self.steps
+            logp = step_bans(_never_special(self.stepper.step(self.prev), self.model), k, seq[None, :k], cfg.max_len,
+                             cfg.min_len, cfg.no_repeat_ngram, eos)
+            cand = self.score.view(1, 1) + logp
+            top = cand.topk(2, dim=1).indices[0, 0]
+            tok = top if k == t else seq[k]
+            if k < t and int(tok) != int(top):
+                self.disagreements += 1
+            self.score = cand[0, tok].view(1)
+            self.prev = tok.view(1)
+            self.steps += 1
+            if k == t:
+                return int(tok), self.score.clone()
+
+
+@torch.no_grad()
+def _draft(model: JanusBart, toks: torch.Tensor, L: torch.Tensor, N: torch.Tensor, cross: list,
+           cross_mask: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One NAR pass per row over ``[toks[:L] | <mask> x (N - L)]``: (draft [R, D], draft lengths [R])
+    for the first ``most`` masked slots."""
+    mask_id, pad, eos = model.mask_token_id, model.config.pad_token_id, model.config.eos_token_id
+    dev = toks.device
+    width = int(N.max())
+    D = min(int((N - L).max()), most)
+    ar = torch.arange(width, device=dev)
+    valid = ar < N[:, None]
+    tokens = torch.where(ar < L[:, None], toks[:, :width], mask_id).masked_fill(~valid, pad)
+    positions = (ar + 1).expand(len(L), width)
+    slots = (L[:, None] + torch.arange(D, device=dev)).clamp(max=width - 1)
+    self_mask = _bidirectional_mask(valid)
+    last_mask = self_mask.gather(2, slots[:, None, :, None].expand(-1, 1, -1, width))
+    h = model.decoder_layers(model.embed_decoder(tokens, positions), self_mask, cross, cross_mask,
+                             last_rows=slots, last_mask=last_mask, interleaved=True)
+    logits = model.logits(h).float()
+    logits[..., [pad, mask_id]] = float("-inf")
+    draft = logits.argmax(-1)
+    n = (N - L).clamp(max=D)
+    is_eos = (draft == eos) & (torch.arange(D, device=dev) < n[:, None])
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, n)  # cut after the first </s>
+    return draft, torch.minimum(n, first)
+
+
+@torch.no_grad()
+def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       cfg: SpecConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Greedy AR output by NAR drafting + one-pass AR verification.
+
+    Returns (tokens [B, max_len] padded with pad, mean token log-prob [B], stats). ``stats``:
+    ``tokens`` (generated, </s> included), ``draft_passes`` / ``verify_passes`` (decoder calls),
+    ``row_passes`` (decoder passes summed over sources), ``passes_per_token`` (row passes per
+    generated token; greedy: 1), ``verifications`` (row verifications), ``tokens_per_verification``
+    (committed tokens per row verification), ``accepted_per_verification`` (accepted draft tokens per
+    row verification that checked a draft), ``single_verification_share`` (sources finished by one
+    verification), ``replays`` / ``replay_steps`` (near-ties resolved exactly, incremental steps they
+    took), ``lossless``.
+    """
+    B, dev = input_ids.shape[0], input_ids.device
+    pad, eos, mask_id = model.config.pad_token_id, model.config.eos_token_id, model.mask_token_id
+    max_len, window = cfg.max_len, cfg.window
+    if max_len >= model.config.max_position_embeddings:
+        raise ValueError(f"max_len {max_len} needs decoder positions up to {max_len}, but the model has "
+                         f"{model.config.max_position_embeddings}")
+    enc = model.encode(input_ids, attention_mask)
+    cross = model.cross_kv(enc)
+    cross_mask = model.cross_mask(attention_mask)
+    use_head = cfg.draft_length == "head" and model.length_head is not None
+    len_logits = model.length_logits(enc, attention_mask).float() if use_head else None
+    tau = cfg.margin_for(enc.dtype)
+    eps = torch.finfo(torch.float32).eps
+    verifier = _Verifier(model, cross, cross_mask, B, max_len + window + 2)
+    width = max_len + window + 1
+    out = torch.full((B, max_len), pad, dtype=torch.long, device=dev)
+    out_score = torch.zeros(B, device=dev)
+    # Row state (compacted as rows finish).
+    idx = torch.arange(B, device=dev)
+    toks = torch.full((B, width), pad, dtype=torch.long, device=dev)  # committed tokens, then pad
+    L = torch.zeros(B, dtype=torch.long, device=dev)
+    last = torch.full((B,), model.config.decoder_start_token_id, dtype=torch.long, device=dev)
+    score = torch.zeros(B, device=dev)
+    draft = torch.full((B, width), pad, dtype=torch.long, device=dev)  # draft[r, j] is for slot L + j
+    dlen = torch.zeros(B, dtype=torch.long, device=dev)
+    fresh = torch.zeros(B, dtype=torch.bool, device=dev)
+    win = torch.full((B,), window, dtype=torch.long, device=dev)
+    cool = torch.zeros(B, dtype=torch.long, device=dev)
+    pause = torch.full((B,), cfg.backoff, dtype=torch.long, device=dev)
+    verifications = torch.zeros(B, dtype=torch.long, device=dev)
+    replays: dict[int, _Replay] = {}
+    st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
+          "drafted_verifications": 0, "accepted": 0, "replays": 0, "replay_steps": 0, "single_verification": 0}
+    ar_slots = torch.arange(width, device=dev)
+    while len(idx):
+        R = len(idx)
+        # 1. Draft the rows that have no usable draft and are not pausing.
+        need = (dlen == 0) & (cool == 0) & (L < max_len - 1)
+        if bool(need.any()):
+            rows = need.nonzero().squeeze(1)
+            sub_L = L[rows]
+            if use_head:
+                n_cls = len_logits.shape[1]
+                lengths = torch.arange(n_cls, device=dev)
+                allowed = (lengths >= torch.clamp(sub_L + 1, min=2)[:, None]) & (lengths <= max_len)
+                ll = len_logits[rows].masked_fill(~allowed, float("-inf"))
+                N = torch.where(allowed.any(1), ll.argmax(1), torch.clamp(sub_L + window, max=max_len))
+            else:
+                N = torch.clamp(sub_L + window, max=max_len)
+            all_rows = len(rows) == R
+            sub_cross = verifier.cross if all_rows else [(k[rows], v[rows]) for k, v in verifier.cross]
+            sub_mask = verifier.cross_mask if all_rows else verifier.cross_mask[rows]
+            new, new_len = _draft(model, toks[rows], sub_L, N, sub_cross, sub_mask, window)
+            draft[rows] = pad
+            draft[rows, :new.shape[1]] = new
+            dlen[rows] = new_len
+            fresh[rows] = True
+            win[rows] = window
+            st["draft_passes"] += 1
+            st["row_passes"] += len(rows)
+        # 2. Verify: w draft tokens per row in one AR pass.
+        w = torch.minimum(torch.minimum(win, dlen), max_len - 1 - L).clamp(min=0)
+        W = int(w.max())
+        content = torch.cat([last[:, None], draft[:, :W]], 1)
+        hq = verifier.run(content, L)
+        lp = torch.log_softmax(model.logits(hq).float(), dim=-1)  # [R, W+1, V]
+        lp[..., [pad, mask_id]] = float("-inf")
+        t = L[:, None] + torch.arange(W + 1, device=dev)  # output slot of each query
+        if cfg.min_len > 1:
+            lp[..., eos] = lp[..., eos].masked_fill(t + 1 < cfg.min_len, float("-inf"))
+        at_end = t == max_len - 1
+        if bool(at_end.any()):
+            only_eos = torch.full_like(lp[0, 0], float("-inf"))
+            only_eos[eos] = 0.0
+            lp = torch.where(at_end[..., None], only_eos + lp, lp)
+        if cfg.no_repeat_ngram:
+            seq = toks.scatter(1, (L[:, None] + torch.arange(W, device=dev)).clamp(max=width - 1), draft[:, :W]) \
+                if W else toks
+            lp = _ban_ngrams_windowed(lp, seq, t, cfg.no_repeat_ngram)
+        d = content[:, 1:]
+        d_lp = lp[:, :W].gather(-1, d[..., None]).squeeze(-1)  # [R, W]
+        sums = [score]
+        for i in range(W):  # float32 sums in greedy's order: score after slot i
+            sums.append(sums[-1] + d_lp[:, i])
+        S = torch.stack(sums, 1)  # [R, W+1]: score before each slot if the drafts before it are taken
+        cand = S[..., None] + lp
+        top_v, top_i = (x.view(R, W + 1, 2) for x in cand.view(R * (W + 1), -1).topk(2, dim=-1))  # 2-D topk: faster
+        ar_tok = top_i[..., 0]
+        gap = top_v[..., 0] - top_v[..., 1]
+        cert = (gap > tau + 4 * eps * top_v[..., 0].abs()) | torch.isinf(top_v[..., 1]) & torch.isfinite(top_v[..., 0])
+        in_w = torch.arange(W, device=dev) < w[:, None]
+        ok = (ar_tok[:, :W] == d) & cert[:, :W]
+        if cfg.relaxed_topk:
+            better = (lp[:, :W] > d_lp[..., None]).sum(-1)
+            best = lp[:, :W].max(-1).values
+            ok |= (better < cfg.relaxed_topk) & (d_lp >= best - cfg.relaxed_margin) & torch.isfinite(d_lp)
+        ok &= in_w
+        acc = ok.long().cumprod(1).sum(1)  # accepted draft tokens per row
+        acc_eos = (acc > 0) & (d.gather(1, (acc - 1).clamp(min=0)[:, None]).squeeze(1) == eos) if W else \
+            torch.zeros_like(fresh)
+        nxt = ar_tok.gather(1, acc[:, None]).squeeze(1)
+        nxt_ok = cert.gather(1, acc[:, None]).squeeze(1) | acc_eos
+        new_score = torch.where(acc_eos, S.gather(1, acc[:, None]).squeeze(1),
+                                top_v[..., 0].gather(1, acc[:, None]).squeeze(1))
+        if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
+            committed = toks.scatter(1, (L[:, None] + torch.arange(W, device=dev)).clamp(max=width - 1),
+                                     torch.where(torch.arange(W, device=dev) < acc[:, None], d, pad)) if W else toks
+            for r in (~nxt_ok).nonzero().squeeze(1).tolist():
+                b = int(idx[r])
+                rep = replays.get(b)
+                if rep is None:
+                    rep = replays[b] = _Replay(model, input_ids[b], attention_mask[b])
+                before = rep.steps
+                tok, s = rep.token_at(int(L[r] + acc[r]), committed[r], cfg)
+                st["replays"] += 1
+                st["replay_steps"] += rep.steps - before
+                nxt[r] = tok
+                new_score[r] = s[0]
+        # 3. Commit ``acc`` draft tokens and (unless the draft closed with </s>) the AR's token.
+        n_commit = acc + (~acc_eos).long()
+        j = torch.arange(W + 1, device=dev)
+        commit = torch.where(j[None] < acc[:, None], torch.cat([d, d.new_full((R, 1), pad)], 1), nxt[:, None])
+        commit = torch.where(j[None] < n_commit[:, None], commit, pad)
+        toks = toks.scatter(1, (L[:, None] + j).clamp(max=width - 1),
+                            torch.where(j[None] < n_commit[:, None], commit,
+                                        toks.gather(1, (L[:, None] + j).clamp(max=width - 1))))
+        last = commit.gather(1, (n_commit - 1)[:, None]).squeeze(1)
+        L = L + n_commit
+        score = new_score
+        verifications += 1
+        st["verify_passes"] += 1
+        st["row_passes"] += R
+        st["verifications"] += R
+        had = w > 0
+        st["drafted_verifications"] += int(had.sum())
+        st["accepted"] += int(acc.sum())
+        # The draft moves on by what was committed; it goes stale where the AR disagreed.
+        dlen = (dlen - n_commit).clamp(min=0)
+        shift = (ar_slots[None] + n_commit[:, None]).clamp(max=width - 1)
+        draft = draft.gather(1, shift).masked_fill(ar_slots[None] >= dlen[:, None], pad)
+        failed = had & (acc == 0)
+        dlen = dlen.masked_fill(failed, 0)
+        if cfg.adaptive:
+            full = had & (acc == w)
+            win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
+            fresh_fail = had & fresh & (acc < 2)  # a draft pass that saved less than it cost
+            cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
+            pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
+                                torch.where(had & fresh, cfg.backoff, pause))
+        fresh = torch.zeros_like(fresh)
+        done = (last == eos) | (L >= max_len)
+        if bool(done.any()):
+            fin = done.nonzero().squeeze(1)
+            out[idx[fin]] = toks[fin, :max_len]
+            out_score[idx[fin]] = score[fin] / L[fin].float()
+            st["tokens"] += int(L[fin].sum())
+            st["single_verification"] += int((verifications[fin] == 1).sum())
+            keep = (~done).nonzero().squeeze(1)
+            idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, verifications = (
+                v[keep] for v in (idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, verifications))
+            if len(keep):
+                verifier.keep(keep)
+                if len_logits is not None:
+                    len_logits = len_logits[keep]
+    tokens = max(st["tokens"], 1)
+    st.update(passes_per_token=st["row_passes"] / tokens, tokens_per_verification=st["tokens"] / max(st["verifications"], 1),
+              accepted_per_verification=st["accepted"] / max(st["drafted_verifications"], 1),
+              single_verification_share=st["single_verification"] / max(B, 1), lossless=cfg.lossless,
+              replay_disagreements=sum(r.disagreements for r in replays.values()))
+    return out, out_score, st
