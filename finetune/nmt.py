@@ -56,7 +56,7 @@ from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import nmt_bleu, repetition_ratio
 from janus.model import JanusBart
 from janus.multitask_nat import MultiTaskNAT, importance_lambda
-from janus.objectives import PRESETS, ObjectiveConfig
+from janus.objectives import ObjectiveConfig
 from janus.steps import JanusLoss, epochs_to_steps
 
 # layers (encoder = decoder), d_model, FFN, heads, dropout, attention dropout, weight decay.
@@ -174,11 +174,11 @@ def nmt_defaults(values: dict) -> dict:
     arch = values.get("model", {}).get("arch", "transformer_iwslt_de_en")
     wd = ARCHS.get(arch, ARCHS["transformer_iwslt_de_en"])["weight_decay"]
     system = values.get("system", "janus")
-    preset = values.get("objective", {}).get("preset", "cmlm" if system == "mtnat" else "paper")
+    preset = "cmlm" if system == "mtnat" else "paper"  # the default preset; ObjectiveConfig fills its weights
     return {"run": {"max_steps": 0, "save_dir": "runs/nmt", "save_every": 1000, "keep_last": 5},
             "optim": {"lr": 5e-4, "schedule": "inverse_sqrt", "warmup_steps": 10000, "betas": [0.9, 0.98],
                       "weight_decay": wd},
-            "objective": {**PRESETS.get(preset, {}), "preset": preset}}
+            "objective": {"preset": preset}}
 
 
 def parse_config(argv=None) -> NMTConfig:

@@ -36,7 +36,7 @@ from janus.distributed import init_distributed, is_rank0, print0, shutdown_distr
 from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import evaluate as score_task
 from janus.model import JanusBart
-from janus.objectives import PRESETS, ObjectiveConfig
+from janus.objectives import ObjectiveConfig
 from janus.steps import JanusLoss, epochs_to_steps
 
 MODE_DEFAULTS = {
@@ -98,16 +98,21 @@ class FinetuneConfig:
 def mode_defaults(values: dict) -> dict:
     """The paper's per-mode settings, under whatever the user set explicitly."""
     d = MODE_DEFAULTS.get(values.get("mode", "ar"), MODE_DEFAULTS["ar"])  # a bad mode is reported by the config
-    preset = values.get("objective", {}).get("preset", d["objective"])
-    return {"optim": dict(d["optim"]), "objective": {**PRESETS.get(preset, {}), "preset": preset}}
+    return {"optim": dict(d["optim"]), "objective": {"preset": d["objective"]}}  # the preset fills its weights
 
 
-def main(argv=None) -> dict:
+def parse_config(argv=None) -> FinetuneConfig:
+    """The resolved run configuration for these command-line arguments (what ``main`` trains with)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, FinetuneConfig)
     cfg = config_from_args(FinetuneConfig, parser.parse_args(argv), defaults_fn=mode_defaults)
     if not cfg.model.init_from or not cfg.data.dir:
         parser.error("--model.init_from and --data.dir are required")
+    return cfg
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(argv)
 
     rank, world, _ = init_distributed(cfg.run.dist_timeout_minutes)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init_from)

@@ -77,12 +77,18 @@ def build_model(cfg: ModelConfig, tokenizer: dict) -> JanusBart:
     return model
 
 
-def main(argv=None) -> dict:
+def parse_config(argv=None) -> PretrainConfig:
+    """The resolved run configuration for these command-line arguments (what ``main`` trains with)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, PretrainConfig)
     cfg = config_from_args(PretrainConfig, parser.parse_args(argv))
     if not cfg.data.shards_dir:
         parser.error("--data.shards_dir is required (build shards with python -m data_pipeline.build)")
+    return cfg
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(argv)
     manifest = read_manifest(cfg.data.shards_dir)  # fail fast, before any process-group set-up
     rank, world, _ = init_distributed(cfg.run.dist_timeout_minutes)
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank and every run
