@@ -318,7 +318,7 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     stage0: dict = {}
     step_times: list[float] = []
     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-    skipped_steps, grad_norm, stop, run_tokens = 0, None, 0, 0
+    skipped_steps, grad_norm, stop, run_tokens = client.get("skipped_steps", 0) if tag else 0, None, 0, 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     engine.train()
@@ -449,7 +449,8 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     tokens = torch.tensor([float(run_tokens)], device=dev)
     dist.all_reduce(tokens)
     summary = {"steps": step, "finished": step >= run.max_steps, "nonfinite_skipped": nonfinite,
-               "skipped_steps": skipped_steps, "median_step_seconds": median_step, "steps_this_run": len(step_times),
+               "skipped_steps": skipped_steps, "resume_fallbacks": resume_info["fallbacks"],
+               "resumed_from": tag, "median_step_seconds": median_step, "steps_this_run": len(step_times),
                "tokens_per_step": tokens.item() / len(step_times) if step_times else None,
                "checkpoint": checkpoint.latest_complete(root), "save_dir": run.save_dir, "run": asdict(run)}
     if is_rank0():
