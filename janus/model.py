@@ -48,6 +48,10 @@ class JanusOutput:
     length_logits: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    # The output projection (a ``VocabHead``) and ``final_logits_bias``: with them the losses
+    # compute logits chunk by chunk instead of through ``logits_fn`` (janus.objectives).
+    vocab_head: "VocabHead | None" = None
+    logits_bias: torch.Tensor | None = None
 
     def _at_labels(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
         if hidden is None:
@@ -68,6 +72,17 @@ class JanusOutput:
     @property
     def aux_logits(self) -> torch.Tensor | None:
         return self._at_labels(self.aux_hidden)
+
+
+class VocabHead(nn.Linear):
+    """BART's tied output projection (``lm_head``). Called with hidden states it is the plain
+    ``nn.Linear``; ``head(None, vocab_loss=fn)`` returns ``fn(self.weight)``, so the chunked
+    vocabulary losses use the weight inside this module's forward (where ZeRO-3 gathers it)."""
+
+    def forward(self, hidden: torch.Tensor | None, vocab_loss: Callable | None = None):
+        if vocab_loss is None:
+            return super().forward(hidden)
+        return vocab_loss(self.weight)
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -105,7 +120,7 @@ class JanusBart(nn.Module):
         self.model = bart if bart is not None else BartModel(config)
         bias = final_logits_bias if final_logits_bias is not None else torch.zeros(1, config.vocab_size)
         self.register_buffer("final_logits_bias", bias.detach().clone())
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = VocabHead(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.model.shared.weight
         # BART's <mask> is the last id of the vocabulary.
         self.mask_token_id = config.vocab_size - 1 if mask_token_id is None else mask_token_id
@@ -273,7 +288,7 @@ class JanusBart(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 decoder_mask: torch.Tensor | None = None, *, objective: ObjectiveConfig | None = None, streams: DecoderStreams | None = None,
                 patterns: tuple[str, ...] | None = None, length_targets: torch.Tensor | None = None,
-                encoder_out: torch.Tensor | None = None) -> JanusOutput:
+                encoder_out: torch.Tensor | None = None, host_counts: dict | None = None) -> JanusOutput:
         """One encoder pass, one decoder pass for every requested pattern.
 
         ``objective`` (a ``janus.objectives.ObjectiveConfig``) decides which patterns run and
@@ -281,17 +296,29 @@ class JanusBart(nn.Module):
         ``patterns``). ``streams`` may be prebuilt (e.g. in data-loader workers) with
         ``build_streams``. ``encoder_out`` may be given when the caller already ran the encoder
         (e.g. a second decoder on the same encoder pass).
+
+        ``host_counts``: optional host-side ints of this batch (computed on the CPU, e.g. by the
+        collator): ``n_tokens`` (non-pad targets), ``n_masked`` (valid masked target positions,
+        ``decoder_mask & labels != pad``) and ``num_masked_max`` (largest masked count of any
+        sample, or any larger bound). With them forward and losses run without a device -> host
+        synchronisation; without them the counts are read back from the device.
         """
         if patterns is None:
             patterns = objective.patterns() if objective is not None else ("ar", "nar", "aux")
         if streams is None:
             streams = build_streams(labels, decoder_mask, pad_id=self.config.pad_token_id, mask_id=self.mask_token_id,
                                     start_id=self.config.decoder_start_token_id,
-                                    ar="ar" in patterns, nar="nar" in patterns, aux="aux" in patterns)
+                                    ar="ar" in patterns, nar="nar" in patterns, aux="aux" in patterns,
+                                    num_masked_max=None if host_counts is None else int(host_counts["num_masked_max"]))
         if labels.shape[1] >= self.config.max_position_embeddings:
             raise ValueError(f"target length {labels.shape[1]} needs positions up to {labels.shape[1]}, "
                              f"but max_position_embeddings is {self.config.max_position_embeddings}")
-        enc = self.encode(input_ids, attention_mask) if encoder_out is None else encoder_out
+        if encoder_out is not None:
+            enc = encoder_out
+        else:
+            # A 4-D boolean mask is used by HF's encoder as is; a 2-D one is first checked for
+            # padding on the host (a sync). Same attention either way.
+            enc = self.encode(input_ids, attention_mask if host_counts is None else self.cross_mask(attention_mask))
         hidden = self.run_decoder(streams, enc, attention_mask)
         B, N, M = streams.batch_size, labels.shape[1], streams.num_masked_max
         nar_rows = hidden[streams.nar_half]
@@ -300,10 +327,12 @@ class JanusBart(nn.Module):
             nar_hidden=nar_rows[:, :M] if streams.has_nar else None,
             aux_hidden=nar_rows[:, streams.aux_offset:streams.aux_offset + M] if streams.has_aux else None,
             masked_order=streams.masked_order, masked_valid=streams.masked_valid,
-            target_valid=streams.target_valid, encoder_last_hidden_state=enc, logits_fn=self.logits)
+            target_valid=streams.target_valid, encoder_last_hidden_state=enc, logits_fn=self.logits,
+            vocab_head=self.lm_head if isinstance(self.lm_head, VocabHead) else None,
+            logits_bias=self.final_logits_bias)
         if self.length_head is not None:
             out.length_logits = self.length_logits(enc, attention_mask)
         if objective is not None:
-            out.losses = janus_losses(out, labels, objective, length_targets=length_targets)
+            out.losses = janus_losses(out, labels, objective, length_targets=length_targets, host_counts=host_counts)
             out.loss = out.losses["total"]
         return out

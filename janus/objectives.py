@@ -147,54 +147,406 @@ def _smoothed_nll(logp: torch.Tensor, target: torch.Tensor, eps: float) -> torch
     return (1.0 - eps) * nll - eps * logp.mean(-1)
 
 
-def janus_losses(out, labels: torch.Tensor, cfg: ObjectiveConfig,
-                 length_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms for one batch given a ``JanusOutput``; ``total`` is the weighted sum."""
-    valid, order, mvalid = out.target_valid, out.masked_order, out.masked_valid
-    n_tok, n_masked = valid.sum(), mvalid.sum()
-    if cfg.reduction == "mean":
-        def reduce(x, count):
-            return x.sum() / count.clamp(min=1)
-    else:
-        def reduce(x, count):
-            return x.sum()
+# ============================================================================ row compaction
+# Order of the entries of the per-term sum vector used by the chunked path.
+TERMS = (*NLL_TERMS, *KL_TERMS)
+_TERM_INDEX = {t: i for i, t in enumerate(TERMS)}
+_KL_PAIRS = (("ar", "aux"), ("nar", "aux"), ("ar", "nar"))
 
+
+def first_true_indices(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the first ``count`` True entries of a 1-D bool tensor, in order.
+
+    A stable sort of the flags puts the True entries first; slicing to the host-known
+    ``count`` replaces boolean-mask indexing (whose output size the host would have to read
+    back from the device)."""
+    return torch.sort(flags.logical_not().to(torch.uint8), stable=True).indices[:count]
+
+
+@dataclass
+class _Rows:
+    """Where the logit rows of a batch are, as flat index tensors (no boolean masks).
+
+    ``valid_idx`` [n_tok]: flat label index (b * N + i) of every non-pad target, row-major;
+    ``masked_flat`` [n_masked]: flat index (b * M + k) into the masked-order tensors of every
+    valid masked position; ``masked_lab`` [n_masked]: its flat label index."""
+
+    n_tok: int
+    n_masked: int
+    valid_idx: torch.Tensor
+    masked_flat: torch.Tensor
+    masked_lab: torch.Tensor
+
+
+def _compact_rows(out, labels: torch.Tensor, host_counts: dict | None) -> _Rows:
+    valid, order, mvalid = out.target_valid, out.masked_order, out.masked_valid
+    B, N = valid.shape
+    M = order.shape[1]
+    has_masked = out.nar_hidden is not None or out.aux_hidden is not None
+    if host_counts is not None:
+        n_tok, n_masked = int(host_counts["n_tokens"]), int(host_counts["n_masked"])
+    else:  # the one device -> host read of this path
+        n_tok, n_masked = (int(v) for v in torch.stack([valid.sum(), mvalid.sum()]).tolist())
+    if not has_masked:
+        n_masked = 0  # no NAR/AUX pattern ran: no masked rows whatever the batch's decoder mask
+    valid_idx = first_true_indices(valid.flatten(), n_tok)
+    masked_flat = first_true_indices(mvalid.flatten(), n_masked)
+    base = torch.arange(B, device=order.device).unsqueeze(1) * N
+    masked_lab = (order + base).flatten().index_select(0, masked_flat) if M else masked_flat
+    return _Rows(n_tok, n_masked, valid_idx, masked_flat, masked_lab)
+
+
+def _flat(h: torch.Tensor) -> torch.Tensor:
+    return h.reshape(-1, h.shape[-1])
+
+
+# ============================================================================ unchunked reference
+def _unchunked_sums(out, labels: torch.Tensor, cfg: ObjectiveConfig, rows: _Rows) -> dict[str, torch.Tensor]:
+    """Every term's sum over its rows, all rows at once with plain autograd: the reference
+    (and the ``loss_chunk_rows=0`` path). Holds several ``[rows, vocab]`` fp32 tensors."""
     def log_probs(hidden: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(out.logits_fn(hidden).float(), dim=-1)
+        return F.log_softmax(_at_least_fp32(out.logits_fn(hidden)), dim=-1)
 
     eps = cfg.label_smoothing
-    masked_targets = labels.gather(1, order)[mvalid]
+    flat_labels = labels.flatten()
+    masked_targets = flat_labels.index_select(0, rows.masked_lab)
     logp: dict[str, torch.Tensor] = {}
-    losses: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
     if out.ar_hidden is not None:
-        ar_all = log_probs(out.ar_hidden[valid])
-        losses["ar"] = reduce(_smoothed_nll(ar_all, labels[valid], eps), n_tok)
-        # Row of each masked position inside the compact AR rows (valid positions, row-major).
-        compact_index = (valid.flatten().cumsum(0) - 1).view_as(valid)
-        logp["ar"] = ar_all[compact_index.gather(1, order)[mvalid]]
+        ar_all = log_probs(_flat(out.ar_hidden).index_select(0, rows.valid_idx))
+        sums["ar"] = _smoothed_nll(ar_all, flat_labels.index_select(0, rows.valid_idx), eps).sum()
+        if rows.n_masked:
+            # Row of each masked position inside the compact AR rows (valid positions, row-major).
+            compact_index = out.target_valid.flatten().cumsum(0) - 1
+            logp["ar"] = ar_all.index_select(0, compact_index.index_select(0, rows.masked_lab))
     for name, hidden in (("nar", out.nar_hidden), ("aux", out.aux_hidden)):
         if hidden is not None:
-            logp[name] = log_probs(hidden[mvalid])
-            losses[name] = reduce(_smoothed_nll(logp[name], masked_targets, eps), n_masked)
+            logp[name] = log_probs(_flat(hidden).index_select(0, rows.masked_flat))
+            sums[name] = _smoothed_nll(logp[name], masked_targets, eps).sum()
     # KL(x||y) = sum p_x (lp_x - lp_y) and KL(y||x) = -sum p_y (lp_x - lp_y): one difference
-    # per pair and one exp per distribution serve both directions (vocab-sized tensors dominate).
+    # per pair and one exp per distribution serve both directions.
     probs: dict[str, torch.Tensor] = {}
-    for x, y in (("ar", "aux"), ("nar", "aux"), ("ar", "nar")):
+    for x, y in _KL_PAIRS:
         wanted = [t for t in (f"kl_{x}_{y}", f"kl_{y}_{x}") if cfg.weight(t) > 0]
-        if not wanted or x not in logp or y not in logp:
+        if not wanted or not _has(out, x) or not _has(out, y):
+            continue
+        if x not in logp:  # AR present but no masked rows in this batch
+            sums.update({t: logp[y].sum() * 0.0 for t in wanted})
             continue
         diff = logp[x] - logp[y]
         for term in wanted:
             p, sign = (x, 1.0) if term == f"kl_{x}_{y}" else (y, -1.0)
             if p not in probs:
                 probs[p] = logp[p].exp()
-            losses[term] = reduce(sign * (probs[p] * diff).sum(-1), n_masked)
-    total = sum(cfg.weight(k) * v for k, v in losses.items())
+            sums[term] = sign * (probs[p] * diff).sum()
+    return sums
+
+
+def _has(out, pattern: str) -> bool:
+    return getattr(out, f"{pattern}_hidden") is not None
+
+
+# ============================================================================ chunked
+@dataclass(frozen=True)
+class _ChunkSpec:
+    """Host-side description of one chunked vocabulary pass."""
+
+    patterns: tuple[str, ...]  # patterns of each masked position's row group, in row order
+    kl_terms: tuple[tuple[str, str, str], ...]  # (term, x, y) for the active KL(x||y)
+    eps: float
+    chunk_rows: int
+    compute_dtype: torch.dtype
+    autocast: bool  # logits as autocast would make them (bf16 matmul, fp32 bias add)
+
+
+def _logits(spec: _ChunkSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of rows ``x`` (already in the compute dtype); ``weight`` in the compute dtype."""
+    if spec.autocast:
+        z = _at_least_fp32(torch.mm(x, weight.t()))
+        return z if bias is None else z.add_(bias.to(z.dtype))
+    z = F.linear(x, weight, None if bias is None else bias.to(weight.dtype))
+    return _at_least_fp32(z)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax runs in fp32 (bf16/fp16 logits are upcast; fp64 ones stay fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _group_pass(spec: _ChunkSpec, patterns: tuple[str, ...], kl_terms, x: torch.Tensor, t: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor | None, coef: dict | None, sums: dict | None):
+    """One chunk: ``x`` [g, P, D] rows (compute dtype) of g positions x P patterns, targets
+    ``t`` [g]. Adds each term's sum over the chunk to ``sums`` and, given ``coef`` (term ->
+    multiplier, python float or 0-dim tensor), returns the gradient of ``sum_term coef *
+    term_sum`` w.r.t. the chunk's logits, [g, P, V] fp32 (None without ``coef``)."""
+    g, P, D = x.shape
+    lp = _logits(spec, x.reshape(g * P, D), weight, bias).view(g, P, -1)
+    V = lp.shape[-1]
+    lp = lp.sub_(torch.logsumexp(lp, -1, keepdim=True))  # in place: the logits become log-probs
+    idx = t.view(g, 1, 1).expand(g, P, 1)
+    eps = spec.eps
+    if sums is not None:
+        row = -lp.gather(-1, idx).squeeze(-1)  # [g, P] nll
+        if eps:
+            row = (1.0 - eps) * row - eps * lp.mean(-1)
+        for j, name in enumerate(patterns):
+            sums[name].append(row[:, j].sum())
+    p = lp.exp()
+    col = {name: j for j, name in enumerate(patterns)}
+    kl_rows: dict[str, torch.Tensor] = {}
+    diffs: dict[tuple[str, str], torch.Tensor] = {}
+    for term, a, b in kl_terms:  # KL(a||b) = sum p_a (lp_a - lp_b), one difference per pair
+        key = (a, b) if (a, b) in _KL_PAIRS else (b, a)
+        if key not in diffs:
+            diffs[key] = lp[:, col[key[0]]] - lp[:, col[key[1]]]
+        d = diffs[key] if key == (a, b) else -diffs[key]
+        kl_rows[term] = torch.einsum("gv,gv->g", p[:, col[a]], d)
+        if sums is not None:
+            sums[term].append(kl_rows[term].sum())
+    del diffs
+    if coef is None:
+        return None
+    # d nll_smoothed / d z = p - q with q = (1 - eps) onehot(t) + eps / V;
+    # d KL(a||b) / d z_a = p_a * (lp_a - lp_b - KL(a||b));  d KL(a||b) / d z_b = p_b - p_a.
+    # For pattern n: grad_n = p_n * (C_out * lp_n - sum_b c_nb lp_b + c_n + sum_a c_an - sum_b c_nb KL_nb)
+    #                         - sum_a c_an p_a - c_n q.
+    grad = torch.empty_like(lp)
+    for j, name in enumerate(patterns):
+        out_kl = [(term, col[b]) for term, a, b in kl_terms if a == name]
+        in_kl = [(term, col[a]) for term, a, b in kl_terms if b == name]
+        c_nll = coef[name]
+        gj = grad[:, j]
+        if out_kl:
+            gj.copy_(lp[:, j]).mul_(sum(coef[term] for term, _ in out_kl))
+            shift = c_nll + sum(coef[term] for term, _ in in_kl) - sum(coef[term] * kl_rows[term] for term, _ in out_kl)
+            for term, k in out_kl:
+                _axpy(gj, lp[:, k], coef[term], -1.0)
+            gj.add_(shift.unsqueeze(-1)).mul_(p[:, j])
+        else:
+            gj.copy_(p[:, j]).mul_(c_nll + sum(coef[term] for term, _ in in_kl))
+        for term, k in in_kl:
+            _axpy(gj, p[:, k], coef[term], -1.0)
+        if isinstance(c_nll, float) and c_nll == 0.0:
+            continue
+        if eps:
+            gj.sub_(c_nll * (eps / V))
+        hot = c_nll * -(1.0 - eps)
+        src = (torch.full((g, 1), hot, dtype=grad.dtype, device=grad.device) if isinstance(hot, float)
+               else hot.to(grad.dtype).reshape(1, 1).expand(g, 1).contiguous())
+        gj.scatter_add_(-1, t.view(g, 1), src)
+    return grad
+
+
+def _axpy(out: torch.Tensor, x: torch.Tensor, c, sign: float) -> None:
+    """out += sign * c * x for a python-float or 0-dim-tensor c, without a temporary."""
+    if isinstance(c, float):
+        if c:
+            out.add_(x, alpha=sign * c)
+    else:
+        out.addcmul_(x, c.to(out.dtype), value=sign)
+
+
+class _VocabPass:
+    """The chunk loop over masked row groups then AR-only rows; accumulates term sums and,
+    given coefficients, the gradients w.r.t. hidden rows, weight and bias."""
+
+    def __init__(self, spec: _ChunkSpec, weight, bias, h_groups, t_groups, h_single, t_single):
+        self.spec, self.weight, self.bias = spec, weight, bias
+        self.h_groups, self.t_groups, self.h_single, self.t_single = h_groups, t_groups, h_single, t_single
+
+    def run(self, coef: dict | None, want_sums: bool, grad_bias: bool):
+        spec, cd = self.spec, self.spec.compute_dtype
+        acc = torch.promote_types(cd, torch.float32)  # accumulators (fp32, or fp64 for fp64 models)
+        device = self.weight.device
+        w = self.weight.to(cd)
+        sums = {t: [] for t in TERMS} if want_sums else None
+        grads = None
+        if coef is not None:
+            grads = {"groups": torch.empty_like(self.h_groups), "single": torch.empty_like(self.h_single),
+                     "weight": torch.zeros(self.weight.shape, dtype=acc, device=device),
+                     "bias": (torch.zeros(self.weight.shape[0], dtype=acc, device=device)
+                              if grad_bias else None)}
+        parts = [("groups", self.h_groups, self.t_groups, spec.patterns, spec.kl_terms),
+                 ("single", self.h_single, self.t_single, ("ar",), ())]
+        for key, h, t, patterns, kl_terms in parts:
+            if h.shape[0] == 0:
+                continue
+            P = len(patterns)
+            step = max(1, spec.chunk_rows // P)
+            for s in range(0, h.shape[0], step):
+                hc = h[s:s + step]
+                x = hc.to(cd)
+                grad_z = _group_pass(spec, patterns, kl_terms, x, t[s:s + step], w, self.bias, coef, sums)
+                if grad_z is None:
+                    continue
+                gz = grad_z.view(-1, grad_z.shape[-1])
+                gzc = gz.to(cd)
+                xf = x.reshape(-1, x.shape[-1])
+                grads[key][s:s + step] = torch.mm(gzc, w).view_as(hc).to(hc.dtype)
+                if cd == acc:
+                    grads["weight"].addmm_(gzc.t(), xf)
+                else:
+                    grads["weight"].add_(torch.mm(gzc.t(), xf))
+                if grads["bias"] is not None:
+                    grads["bias"].add_(gz.sum(0))
+                del grad_z, gz, gzc
+        if sums is not None:
+            zero = torch.zeros((), dtype=acc, device=device)
+            sums = torch.stack([torch.stack(v).sum() if v else zero for v in sums.values()])
+        return sums, grads
+
+
+class _ChunkedVocabLoss(torch.autograd.Function):
+    """Vocabulary losses in chunks. Outputs (term sums [len(TERMS)], weighted total).
+
+    The forward already computes, chunk by chunk, the gradient of the weighted total (the
+    training objective) w.r.t. the hidden rows, the lm_head weight and the logits bias: the
+    logits are computed once, and the first backward through ``total`` only scales those
+    gradients (in place; they are then released). A backward through the individual term
+    sums, or a second backward (``retain_graph=True``), recomputes the logits chunk by chunk.
+    No ``[rows, vocab]`` tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, h_groups, h_single, t_groups, t_single, spec, total_coef):
+        ctx.set_materialize_grads(False)
+        vp = _VocabPass(spec, weight, bias, h_groups, t_groups, h_single, t_single)
+        grad_bias = bias is not None and ctx.needs_input_grad[1]
+        sums, grads = vp.run(total_coef, want_sums=True, grad_bias=grad_bias)
+        ctx.spec, ctx.grad_bias, ctx.total_coef = spec, grad_bias, total_coef
+        # Kept on ctx (not saved tensors): they are scaled in place and dropped by the first backward.
+        ctx.precomputed = grads
+        ctx.save_for_backward(weight, bias, h_groups, h_single, t_groups, t_single)
+        return sums, _weighted(sums, total_coef)
+
+    @staticmethod
+    def backward(ctx, grad_sums, grad_total):
+        weight, bias, h_groups, h_single, t_groups, t_single = ctx.saved_tensors
+        out = dict.fromkeys(("groups", "single", "weight", "bias"))
+        coef = None  # coefficients of a recomputation, if one is needed
+        if grad_total is not None:
+            pre, ctx.precomputed = ctx.precomputed, None
+            if pre is not None:
+                for key in out:
+                    g = pre[key]
+                    out[key] = None if g is None else g.mul_(grad_total.to(g.dtype))
+            else:
+                coef = {t: grad_total * c for t, c in ctx.total_coef.items()}
+        if grad_sums is not None:
+            per_term = {t: grad_sums[i] for i, t in enumerate(TERMS)}
+            coef = per_term if coef is None else {t: v + coef[t] if t in coef else v for t, v in per_term.items()}
+        if coef is not None:
+            vp = _VocabPass(ctx.spec, weight, bias, h_groups, t_groups, h_single, t_single)
+            _, grads = vp.run(coef, want_sums=False, grad_bias=ctx.grad_bias)
+            for key, g in grads.items():
+                if g is not None:
+                    out[key] = g if out[key] is None else out[key] + g
+        g_w = None if out["weight"] is None else out["weight"].to(weight.dtype)
+        g_b = None if out["bias"] is None or bias is None else out["bias"].to(bias.dtype)
+        return g_w, g_b, out["groups"], out["single"], None, None, None, None
+
+
+def _weighted(sums: torch.Tensor, coef: dict[str, float]) -> torch.Tensor:
+    return sum((sums[_TERM_INDEX[t]] * c for t, c in coef.items() if c), sums.new_zeros(()))
+
+
+def _chunked_sums(out, labels: torch.Tensor, cfg: ObjectiveConfig, rows: _Rows,
+                  total_coef: dict[str, float]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Term sums and the weighted total (sum_t coef_t * sum_t) via the chunked pass."""
+    patterns = tuple(p for p in NLL_TERMS if _has(out, p))
+    # Row groups of the masked positions hold every pattern that predicts them (the AR row
+    # too when another pattern runs); AR rows of the other positions are single rows.
+    group_patterns = patterns if rows.n_masked and patterns != ("ar",) else ()
+    kl_terms = tuple((t, x, y) for t in KL_TERMS for x, y in [t[3:].split("_")]
+                     if cfg.weight(t) > 0 and x in group_patterns and y in group_patterns)
+    flat_labels = labels.flatten()
+    ref = next(h for h in (out.ar_hidden, out.nar_hidden, out.aux_hidden) if h is not None)
+    D = ref.shape[-1]
+    hid = {"ar": out.ar_hidden, "nar": out.nar_hidden, "aux": out.aux_hidden}
+    # Masked positions: AR row at the label index, NAR/AUX rows at the masked-order index.
+    cols = []
+    for p in group_patterns:
+        idx = rows.masked_lab if p == "ar" else rows.masked_flat
+        cols.append(_flat(hid[p]).index_select(0, idx))
+    h_groups = torch.stack(cols, 1) if cols else ref.new_zeros(0, 1, D)
+    t_groups = flat_labels.index_select(0, rows.masked_lab)
+    if "ar" in patterns:
+        if "ar" in group_patterns:  # AR rows of unmasked valid positions
+            is_masked = torch.zeros(flat_labels.shape[0], dtype=torch.bool, device=labels.device)
+            is_masked.index_fill_(0, rows.masked_lab, True)
+            single_idx = first_true_indices(out.target_valid.flatten() & ~is_masked, rows.n_tok - rows.n_masked)
+        else:
+            single_idx = rows.valid_idx
+        h_single = _flat(out.ar_hidden).index_select(0, single_idx).unsqueeze(1)  # [U, 1, D]
+        t_single = flat_labels.index_select(0, single_idx)
+    else:
+        h_single, t_single = ref.new_zeros(0, 1, D), flat_labels[:0]
+    bias = out.logits_bias
+    device_type = ref.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    cd = torch.get_autocast_dtype(device_type) if autocast else ref.dtype
+    # Terms of patterns that did not run stay out of the objective.
+    total_coef = {t: c for t, c in total_coef.items() if t in patterns or any(t == k[0] for k in kl_terms)}
+
+    def run(weight: torch.Tensor):  # inside the lm_head module's forward, where ZeRO-3 has gathered it
+        spec = _ChunkSpec(patterns=group_patterns, kl_terms=kl_terms, eps=float(cfg.label_smoothing),
+                          chunk_rows=cfg.loss_chunk_rows, compute_dtype=cd, autocast=autocast and cd != weight.dtype)
+        with torch.autocast(device_type, enabled=False):
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (weight, bias, h_groups, h_single)):
+                return _ChunkedVocabLoss.apply(weight, bias, h_groups, h_single, t_groups, t_single, spec, total_coef)
+            sums, _ = _VocabPass(spec, weight, bias, h_groups, t_groups, h_single, t_single).run(
+                None, want_sums=True, grad_bias=False)
+            return sums, _weighted(sums, total_coef)
+
+    sums, total = out.vocab_head(None, vocab_loss=run)
+    active = [*patterns, *(k[0] for k in kl_terms)]
+    # KL terms whose patterns ran but that have no masked rows in this batch are zero.
+    active += [t for t in KL_TERMS if t not in active and cfg.weight(t) > 0
+               and all(_has(out, p) for p in t[3:].split("_"))]
+    return {t: sums[_TERM_INDEX[t]] for t in active}, total
+
+
+def use_chunked(cfg: ObjectiveConfig, vocab_size: int) -> bool:
+    """Whether ``janus_losses`` takes the chunked path for this vocabulary size."""
+    return cfg.loss_chunk_rows > 0 and vocab_size >= cfg.loss_chunk_min_vocab
+
+
+def janus_losses(out, labels: torch.Tensor, cfg: ObjectiveConfig, length_targets: torch.Tensor | None = None,
+                 host_counts: dict | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms for one batch given a ``JanusOutput``; ``total`` is the weighted sum.
+
+    ``host_counts`` (optional): ``{"n_tokens": int, "n_masked": int, ...}`` computed on the
+    host (data collator): the number of non-pad targets and of valid masked target positions
+    (``decoder_mask & labels != pad``) in the batch. With it the losses run without any
+    device -> host synchronisation (rows are compacted with index tensors sliced to these
+    counts); they must be exact. Without it the counts are read back from the device once.
+
+    The vocabulary part is chunked (``cfg.loss_chunk_rows`` rows at a time, see
+    ``ObjectiveConfig``) when the output carries the lm_head module (``vocab_head``, whose
+    ``forward(None, vocab_loss=fn)`` calls ``fn(weight)``) and the vocabulary is large
+    enough; otherwise the unchunked reference computation runs.
+    """
+    rows = _compact_rows(out, labels, host_counts)
+    mean = cfg.reduction == "mean"
+    counts = {"ar": rows.n_tok, "nar": rows.n_masked, "aux": rows.n_masked, **{k: rows.n_masked for k in KL_TERMS}}
+    scale = {t: (1.0 / max(counts[t], 1) if mean else 1.0) for t in TERMS}
+    ref = next((h for h in (out.ar_hidden, out.nar_hidden, out.aux_hidden) if h is not None), None)
+    if ref is None:
+        raise ValueError("janus_losses: the output has no pattern hidden states")
+    head = getattr(out, "vocab_head", None)
+    if head is not None and use_chunked(cfg, head.out_features):
+        total_coef = {t: float(cfg.weight(t)) * scale[t] for t in TERMS}
+        sums, total = _chunked_sums(out, labels, cfg, rows, total_coef)
+        losses = {t: v * scale[t] for t, v in sums.items()}
+    else:
+        sums = _unchunked_sums(out, labels, cfg, rows)
+        losses = {t: v * scale[t] for t, v in sums.items()}
+        total = sum(cfg.weight(k) * v for k, v in losses.items())
     if length_targets is not None and out.length_logits is not None and cfg.length > 0:
         losses["length"] = F.cross_entropy(out.length_logits.float(), length_targets,
-                                           reduction="mean" if cfg.reduction == "mean" else "sum")
+                                           reduction="mean" if mean else "sum")
         total = total + cfg.length * losses["length"]
     losses["total"] = total
-    losses["n_tokens"] = n_tok
-    losses["n_masked"] = n_masked
+    losses["n_tokens"] = out.target_valid.sum()
+    losses["n_masked"] = out.masked_valid.sum()
     return losses
