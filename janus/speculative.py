@@ -86,7 +86,7 @@ class SpecConfig:
         "help": "speculative, NOT lossless: ... and within this log-prob of the AR's best"})
     tie_margin: float | None = field(default=None, metadata={
         "help": "speculative: log-prob margin a token needs to be certified without an exact replay "
-                "(default: 1e-4 float32, 1e-9 float64, 0.1 bfloat16/float16)"})
+                "(None: 1e-4 in float32, 1e-9 in float64, 0.1 in bfloat16/float16)"})
 
     def __post_init__(self):
         c = "SpecConfig"
@@ -438,9 +438,21 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
                 verifier.keep(keep)
                 if len_logits is not None:
                     len_logits = len_logits[keep]
-    tokens = max(st["tokens"], 1)
-    st.update(passes_per_token=st["row_passes"] / tokens, tokens_per_verification=st["tokens"] / max(st["verifications"], 1),
-              accepted_per_verification=st["accepted"] / max(st["drafted_verifications"], 1),
-              single_verification_share=st["single_verification"] / max(B, 1), lossless=cfg.lossless,
-              replay_disagreements=sum(r.disagreements for r in replays.values()))
-    return out, out_score, st
+    st.update(lossless=cfg.lossless, replay_disagreements=sum(r.disagreements for r in replays.values()))
+    return out, out_score, combine_stats([st])
+
+
+_COUNTS = ("sources", "tokens", "draft_passes", "verify_passes", "row_passes", "verifications", "drafted_verifications",
+           "accepted", "replays", "replay_steps", "single_verification", "replay_disagreements")
+
+
+def combine_stats(parts: list[dict]) -> dict:
+    """The statistics of several ``speculative_decode`` calls (e.g. the batches of a file) as one."""
+    total = {k: sum(p[k] for p in parts) for k in _COUNTS}
+    tokens = max(total["tokens"], 1)
+    total.update(passes_per_token=total["row_passes"] / tokens,
+                 tokens_per_verification=total["tokens"] / max(total["verifications"], 1),
+                 accepted_per_verification=total["accepted"] / max(total["drafted_verifications"], 1),
+                 single_verification_share=total["single_verification"] / max(total["sources"], 1),
+                 lossless=all(p["lossless"] for p in parts))
+    return total

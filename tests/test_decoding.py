@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 import torch
@@ -198,3 +199,182 @@ def test_margin_pruning_decodes_each_source_as_if_alone(margin):
         L = alone_tokens.shape[1]
         assert torch.equal(tokens[b, :L], alone_tokens[0]) and (tokens[b, L:] == PAD).all()
         torch.testing.assert_close(scores[b], alone_score[0])
+
+
+# ---------------------------------------------------------------- config validation (issue 11 item 4)
+@pytest.mark.parametrize("cls,kw,match", [
+    (BeamConfig, dict(beam=0), r"BeamConfig.beam = 0: must be an integer >= 1"),
+    (BeamConfig, dict(max_len=0), r"BeamConfig.max_len = 0: must be an integer >= 1"),
+    (BeamConfig, dict(min_len=9, max_len=8), r"BeamConfig.min_len = 9: must be an integer in \[0, max_len = 8\]"),
+    (BeamConfig, dict(length_penalty=float("nan")), r"length_penalty = nan: must be a finite number"),
+    (BeamConfig, dict(no_repeat_ngram=-1), r"no_repeat_ngram = -1: must be an integer >= 0"),
+    (MaskPredictConfig, dict(iterations=-1), r"MaskPredictConfig.iterations = -1: must be an integer >= 0"),
+    (MaskPredictConfig, dict(max_len=0), r"MaskPredictConfig.max_len = 0: must be an integer >= 2"),
+    (MaskPredictConfig, dict(length_candidates=0), r"length_candidates = 0: must be an integer in \[1, max_len - 1 = 63\]"),
+    (MaskPredictConfig, dict(length_candidates=5, max_len=4), r"length_candidates = 5: must be an integer in \[1, max_len - 1 = 3\]"),
+    (MaskPredictConfig, dict(prune_after=-1), r"prune_after = -1: must be an integer >= 0"),
+    (MaskPredictConfig, dict(prune_margin=-0.5), r"prune_margin = -0.5: must be a number >= 0"),
+])
+def test_decoding_configs_state_the_allowed_range(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
+
+
+def test_mask_predict_respects_a_small_max_len():
+    model = make_model(length_classes=20)
+    with torch.no_grad():
+        model.length_head.bias[:] = -50.0
+        model.length_head.bias[15] = 50.0  # the head wants 15 tokens; max_len caps it
+    x, am = sources(40)
+    tokens, _ = mask_predict(model, x, am, MaskPredictConfig(max_len=4, length_candidates=2))
+    assert tokens.shape[1] <= 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random JANUS model folder with a length head and a real (BART-layout) tokenizer."""
+    from data_pipeline.tokenizer import train_bpe
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    texts = ["the river city of the north", "a new king of the old island", "music and film of the south"] * 20
+    tok = train_bpe(texts, 300)
+    torch.manual_seed(0)
+    model = JanusBart(tiny_bart_config(vocab_size=len(tok)), mask_token_id=tok.mask_token_id, length_classes=20)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / "test.src").write_text("the river city\na new king of the old island\nmusic\n")
+    return out
+
+
+def run_generate(model_dir, *extra):
+    from finetune.generate import main
+
+    return main(["--model", str(model_dir), "--src", str(model_dir / "test.src"), "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--mode", "nar", "--iterations", "-1"], r"iterations = -1: must be an integer >= 0"),
+    (["--mode", "ar", "--max-len", "0"], r"BeamConfig.max_len = 0: must be an integer >= 1"),
+    (["--mode", "nar", "--max-len", "0"], r"MaskPredictConfig.max_len = 0: must be an integer >= 2"),
+    (["--mode", "ar", "--beam", "0"], r"beam = 0: must be an integer >= 1"),
+    (["--mode", "ar", "--batch-size", "0"], r"--batch-size 0: must be an integer >= 1"),
+    (["--mode", "nar", "--length-candidates", "0"], r"length_candidates = 0: must be an integer in"),
+    (["--mode", "spec", "--window", "0"], r"SpecConfig.window = 0: must be an integer >= 1"),
+    (["--mode", "ar", "--beam", "two"], r"--beam: cannot parse 'two'"),
+])
+def test_generate_refuses_bad_decoding_options(tiny_model_dir, capsys, args, match):
+    with pytest.raises(SystemExit) as e:
+        run_generate(tiny_model_dir, *args)
+    assert e.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- generated flags (issue 12)
+def non_default(f, value):
+    """A valid value different from the field's default."""
+    special = {"draft_length": "window", "max_len": 33, "min_len": 3, "length_candidates": 3, "backoff": 3,
+               "max_backoff": 40, "tie_margin": 0.5, "relaxed_margin": 0.25, "prune_margin": 0.3}
+    if f.name in special:
+        return special[f.name]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 2
+    if isinstance(value, float):
+        return value + 0.5
+    raise AssertionError(f"no test value for {f.name}")
+
+
+@pytest.mark.parametrize("mode", ["ar", "nar", "spec"])
+def test_every_decoding_field_is_a_flag_that_reaches_the_decoder(tiny_model_dir, monkeypatch, mode):
+    """Each field of the mode's config, set on generate's command line, arrives in the config object
+    the decoder function is called with (a new field cannot be forgotten: flags are generated)."""
+    import dataclasses as dc
+
+    import finetune.generate as gen
+
+    cls = gen.CONFIGS[mode]
+    parser = gen.build_parser()
+    flags = {s for a in parser._actions for s in a.option_strings}
+    received = []
+
+    def spy(name):
+        real = {"ar": gen.beam_search, "nar": gen.mask_predict, "spec": gen.speculative_decode}[name]
+
+        def wrapper(model, ids, am, cfg):
+            received.append(cfg)
+            return real(model, ids, am, cfg)
+        return wrapper
+    monkeypatch.setattr(gen, {"ar": "beam_search", "nar": "mask_predict", "spec": "speculative_decode"}[mode], spy(mode))
+    for f in dc.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in flags and f"--{f.name}" in flags, f"{cls.__name__}.{f.name} has no flag"
+        value = non_default(f, getattr(cls(), f.name))
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        received.clear()
+        extra = ["--max-len", "40"] if f.name == "min_len" else []  # keep min_len <= max_len
+        summary = run_generate(tiny_model_dir, "--mode", mode, flag, text, *extra, "--batch-size", "2")
+        assert received and all(getattr(c, f.name) == value for c in received), (f.name, received)
+        assert summary["config"][f.name] == value
+
+
+def test_shared_and_aliased_flags_and_help(tiny_model_dir, capsys):
+    import finetune.generate as gen
+
+    args = gen.build_parser().parse_args(["--model", "m", "--src", "s", "--mode", "spec", "--max_len", "12",
+                                          "--length-offsets", "--no-repeat-ngram", "3"])
+    assert gen.decoding_config("spec", args).max_len == 12  # underscore alias
+    assert gen.decoding_config("ar", args).max_len == 12  # one --max-len for every config
+    assert gen.decoding_config("nar", args).length_offsets is True  # a bare boolean flag means true
+    assert gen.decoding_config("nar", gen.build_parser().parse_args(
+        ["--model", "m", "--src", "s", "--mode", "nar"])).iterations == 4  # generate's own default
+    with pytest.raises(SystemExit):
+        gen.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "self-speculative decoding (--mode spec)" in text and "most draft tokens verified" in text
+    assert "(default: 16)" in text
+
+
+def test_dataclass_flags_helper_is_general():
+    import argparse
+    from dataclasses import dataclass, field
+
+    from janus.config import add_dataclass_flags, dataclass_from_flags
+
+    @dataclass
+    class Inner:
+        rate: float = 0.5
+
+    @dataclass
+    class Outer:
+        name: str = field(default="x", metadata={"help": "a name", "choices": ("x", "y")})
+        sizes: list = field(default_factory=lambda: [1, 2])
+        limit: int | None = None
+        inner: Inner = field(default_factory=Inner)
+
+    p = argparse.ArgumentParser()
+    add_dataclass_flags(p, Outer, prefix="o.")
+    cfg = dataclass_from_flags(Outer, p.parse_args(["--o.name", "y", "--o.sizes", "[3]", "--o.limit", "none",
+                                                    "--o.inner.rate", "2"]), prefix="o.")
+    assert cfg == Outer(name="y", sizes=[3], limit=None, inner=Inner(rate=2.0))
+    assert dataclass_from_flags(Outer, p.parse_args([]), prefix="o.") == Outer()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--o.name", "z"])  # choices
+    with pytest.raises(ValueError, match=r"--o.inner.rate: cannot parse 'fast'"):
+        dataclass_from_flags(Outer, p.parse_args(["--o.inner.rate", "fast"]), prefix="o.")
+    q = argparse.ArgumentParser()
+    q.add_argument("--name")
+    with pytest.raises(ValueError, match="already used"):
+        add_dataclass_flags(q, Outer)
+
+
+def test_generate_spec_mode_equals_greedy_and_reports_its_statistics(tiny_model_dir, tmp_path):
+    spec = run_generate(tiny_model_dir, "--mode", "spec", "--out", str(tmp_path / "spec.hyp"), "--max-len", "12")
+    greedy = run_generate(tiny_model_dir, "--mode", "ar", "--beam", "1", "--out", str(tmp_path / "ar.hyp"),
+                          "--max-len", "12")
+    assert (tmp_path / "spec.hyp").read_text() == (tmp_path / "ar.hyp").read_text()
+    st = spec["speculative"]
+    assert st["sources"] == 3 and st["lossless"] and st["passes_per_token"] > 0
+    for key in ("accepted_per_verification", "single_verification_share", "tokens_per_verification"):
+        assert key in st
+    assert spec["device"] == greedy["device"] == "cpu"
