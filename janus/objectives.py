@@ -300,7 +300,7 @@ def _group_pass(spec: _ChunkSpec, patterns: tuple[str, ...], kl_terms, x: torch.
         if key not in diffs:
             diffs[key] = lp[:, col[key[0]]] - lp[:, col[key[1]]]
         d = diffs[key] if key == (a, b) else -diffs[key]
-        kl_rows[term] = torch.einsum("gv,gv->g", p[:, col[a]], d)
+        kl_rows[term] = (p[:, col[a]] * d).sum(-1)
         if sums is not None:
             sums[term].append(kl_rows[term].sum())
     del diffs
