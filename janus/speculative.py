@@ -56,6 +56,7 @@ the batch when they finish; there is no Python loop over rows except the rare ex
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -262,8 +263,12 @@ def _draft(model: JanusBart, toks: torch.Tensor, L: torch.Tensor, N: torch.Tenso
 
 @torch.no_grad()
 def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       cfg: SpecConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                       cfg: SpecConfig, *, profile: bool = False, drafter=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Greedy AR output by NAR drafting + one-pass AR verification.
+
+    ``profile``: also time the parts (``ms_encoder``, ``ms_draft``, ``ms_verify`` (pass + acceptance
+    + bookkeeping), ``ms_replay``, ``ms_total``; synchronising CUDA at each boundary). ``drafter``
+    replaces the NAR drafting function (same signature as ``_draft``; benchmarks of the guard).
 
     Returns (tokens [B, max_len] padded with pad, mean token log-prob [B], stats). ``stats``:
     ``tokens`` (generated, </s> included), ``draft_passes`` / ``verify_passes`` (decoder calls),
@@ -280,6 +285,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     if max_len >= model.config.max_position_embeddings:
         raise ValueError(f"max_len {max_len} needs decoder positions up to {max_len}, but the model has "
                          f"{model.config.max_position_embeddings}")
+    draft_fn = drafter or _draft
+    clock = _Clock(profile, dev)
     enc = model.encode(input_ids, attention_mask)
     cross = model.cross_kv(enc)
     cross_mask = model.cross_mask(attention_mask)
@@ -310,6 +317,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     ar_slots = torch.arange(width, device=dev)
     while len(idx):
         R = len(idx)
+        clock.lap("ms_encoder" if clock.first else "ms_verify")
         # 1. Draft the rows that have no usable draft and are not pausing.
         need = (dlen == 0) & (cool == 0) & (L < max_len - 1)
         if bool(need.any()):
@@ -326,7 +334,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             all_rows = len(rows) == R
             sub_cross = verifier.cross if all_rows else [(k[rows], v[rows]) for k, v in verifier.cross]
             sub_mask = verifier.cross_mask if all_rows else verifier.cross_mask[rows]
-            new, new_len = _draft(model, toks[rows], sub_L, N, sub_cross, sub_mask, window)
+            new, new_len = draft_fn(model, toks[rows], sub_L, N, sub_cross, sub_mask, window)
             draft[rows] = pad
             draft[rows, :new.shape[1]] = new
             dlen[rows] = new_len
@@ -334,6 +342,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             win[rows] = window
             st["draft_passes"] += 1
             st["row_passes"] += len(rows)
+            clock.lap("ms_draft")
         # 2. Verify: w draft tokens per row in one AR pass.
         w = torch.minimum(torch.minimum(win, dlen), max_len - 1 - L).clamp(min=0)
         W = int(w.max())
@@ -379,6 +388,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
         new_score = torch.where(acc_eos, S.gather(1, acc[:, None]).squeeze(1),
                                 top_v[..., 0].gather(1, acc[:, None]).squeeze(1))
         if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
+            clock.lap("ms_verify")
             committed = toks.scatter(1, (L[:, None] + torch.arange(W, device=dev)).clamp(max=width - 1),
                                      torch.where(torch.arange(W, device=dev) < acc[:, None], d, pad)) if W else toks
             for r in (~nxt_ok).nonzero().squeeze(1).tolist():
@@ -392,6 +402,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
                 st["replay_steps"] += rep.steps - before
                 nxt[r] = tok
                 new_score[r] = s[0]
+            clock.lap("ms_replay")
         # 3. Commit ``acc`` draft tokens and (unless the draft closed with </s>) the AR's token.
         n_commit = acc + (~acc_eos).long()
         j = torch.arange(W + 1, device=dev)
@@ -438,10 +449,38 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
                 verifier.keep(keep)
                 if len_logits is not None:
                     len_logits = len_logits[keep]
+    clock.lap("ms_verify")
+    st.update(clock.times)
     st.update(lossless=cfg.lossless, replay_disagreements=sum(r.disagreements for r in replays.values()))
     return out, out_score, combine_stats([st])
 
 
+class _Clock:
+    """Optional wall-clock split of a decode into named parts (CUDA synchronised at each lap)."""
+
+    def __init__(self, on: bool, device: torch.device):
+        self.on, self.device, self.first = on, device, True
+        self.times: dict[str, float] = {}
+        if on:
+            self._sync()
+            self.t0 = self.t = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lap(self, name: str) -> None:
+        self.first = False
+        if not self.on:
+            return
+        self._sync()
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + 1000 * (now - self.t)
+        self.times["ms_total"] = 1000 * (now - self.t0)
+        self.t = now
+
+
+_TIMES = ("ms_encoder", "ms_draft", "ms_verify", "ms_replay", "ms_total")
 _COUNTS = ("sources", "tokens", "draft_passes", "verify_passes", "row_passes", "verifications", "drafted_verifications",
            "accepted", "replays", "replay_steps", "single_verification", "replay_disagreements")
 
@@ -449,6 +488,9 @@ _COUNTS = ("sources", "tokens", "draft_passes", "verify_passes", "row_passes", "
 def combine_stats(parts: list[dict]) -> dict:
     """The statistics of several ``speculative_decode`` calls (e.g. the batches of a file) as one."""
     total = {k: sum(p[k] for p in parts) for k in _COUNTS}
+    for k in _TIMES:
+        if any(k in p for p in parts):
+            total[k] = sum(p.get(k, 0.0) for p in parts)
     tokens = max(total["tokens"], 1)
     total.update(passes_per_token=total["row_passes"] / tokens,
                  tokens_per_verification=total["tokens"] / max(total["verifications"], 1),

@@ -152,6 +152,12 @@ def test_decode_latency_benchmark_reports_speedups_and_ceilings():
         # More passes cost more FLOPs: a lower ceiling; pruning to one candidate raises it.
         assert timings["ceiling_T2"] < timings["ceiling_T0"]
         assert timings["ceiling_T2_pruned"] > timings["ceiling_T2"]
+        # Speculative decoding beside greedy: exact, and the guard caps the failing drafter's passes.
+        assert timings["spec_exact"] is True
+        assert timings["spec_speedup_vs_greedy"] == timings["ar_greedy_ms"] / timings["spec_ms"]
+        assert timings["spec_failing_stats"]["accepted_per_verification"] == 0
+        assert timings["spec_failing_stats"]["draft_passes"] <= 2 < 6 == timings["spec_failing_stats"]["verify_passes"]
+    assert out["device"] == "cpu"
 
 
 def test_bfloat16_decoding_scores_track_float32():
