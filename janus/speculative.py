@@ -31,14 +31,14 @@ content token + one query, window 0), and the pause doubles after each further f
 ``max_backoff``; an accepted draft token resets it. So on a model whose drafts are useless the
 draft passes become logarithmically rare and the cost tends to plain greedy's.
 
-**Exactness.** Greedy's decision at a slot is ``topk`` of ``score + log p`` in float32, and the
-verifier reproduces that arithmetic (sequential float32 score sums, the same ``topk``). But one
+**Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32, and the
+verifier reproduces that arithmetic (sequential float32 score sums). But one
 pass over many positions is not bit-identical to many incremental steps (BLAS kernels and
 attention reductions depend on the number of rows: ~1e-6 in log-prob at small dims, more at
 bart-base dims), so a near-tie could flip. Every token is therefore *certified*: the verifier's
-top-1 must beat the runner-up by more than ``tie_margin`` (+ 4 float ulps of the score; default
-1e-4 in float32, 30x the largest discrepancy measured, 3e-6 at bart-base dims), which makes the incremental decoder choose
-the same token. An uncertified slot (a near-tie) is resolved by an **exact replay**: the
+top-1 must beat the runner-up by more than ``tie_margin`` (+ 8 float ulps of the score; default
+1e-4 in float32, 30x the largest discrepancy measured, 3e-6 at bart-base dims), which makes the
+incremental decoder choose the same token. An uncertified slot (a near-tie) is resolved by an **exact replay**: the
 incremental ``ARStepper`` on that source alone, teacher-forced through the committed prefix, whose
 arithmetic is exactly ``beam_search``'s on that source (the replay's state is kept, so later
 near-ties of the row cost only the new steps). Hence the output equals ``beam_search(beam=1)`` on
@@ -368,11 +368,13 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
         for i in range(W):  # float32 sums in greedy's order: score after slot i
             sums.append(sums[-1] + d_lp[:, i])
         S = torch.stack(sums, 1)  # [R, W+1]: score before each slot if the drafts before it are taken
-        cand = S[..., None] + lp
-        top_v, top_i = (x.view(R, W + 1, 2) for x in cand.view(R * (W + 1), -1).topk(2, dim=-1))  # 2-D topk: faster
-        ar_tok = top_i[..., 0]
-        gap = top_v[..., 0] - top_v[..., 1]
-        cert = (gap > tau + 4 * eps * top_v[..., 0].abs()) | torch.isinf(top_v[..., 1]) & torch.isfinite(top_v[..., 0])
+        # Greedy takes the top of fl(score + log p). A log-prob lead over the runner-up above tau plus
+        # 8 ulps of |score| + |log p| survives both the one-pass/incremental discrepancy (< tau / 2)
+        # and the rounding of the score addition, so the top-1 of log p is greedy's token.
+        best_lp, ar_tok = lp.max(-1)
+        second = lp.scatter(-1, ar_tok[..., None], float("-inf")).max(-1).values
+        gap = best_lp - second
+        cert = (gap > tau + 8 * eps * (S.abs() + best_lp.abs())) | (torch.isinf(second) & torch.isfinite(best_lp))
         in_w = torch.arange(W, device=dev) < w[:, None]
         ok = (ar_tok[:, :W] == d) & cert[:, :W]
         if cfg.relaxed_topk:
@@ -385,8 +387,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             torch.zeros_like(fresh)
         nxt = ar_tok.gather(1, acc[:, None]).squeeze(1)
         nxt_ok = cert.gather(1, acc[:, None]).squeeze(1) | acc_eos
-        new_score = torch.where(acc_eos, S.gather(1, acc[:, None]).squeeze(1),
-                                top_v[..., 0].gather(1, acc[:, None]).squeeze(1))
+        new_score = S.gather(1, acc[:, None]).squeeze(1)  # the score after the accepted drafts ...
+        new_score = torch.where(acc_eos, new_score, new_score + best_lp.gather(1, acc[:, None]).squeeze(1))  # + AR's
         if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
             clock.lap("ms_verify")
             committed = toks.scatter(1, (L[:, None] + torch.arange(W, device=dev)).clamp(max=width - 1),
