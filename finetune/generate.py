@@ -24,9 +24,11 @@ import dataclasses
 import json
 import time
 
+import numpy as np
 import torch
 
 from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.collate import pad_batch
 from finetune.data import read_lines
 from janus.config import add_dataclass_flags, dataclass_from_flags
 from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict
@@ -70,11 +72,8 @@ def decode_lines(model: JanusBart, tokenizer, sources: list[str], *, mode: str, 
     outputs: list[str] = [""] * len(enc)
     for start in tqdm(range(0, len(order), batch_size), desc="decoding", disable=not show_progress):
         idx = order[start:start + batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(enc[i])] = torch.tensor(enc[i])
-        ids = ids.to(dev)
+        padded, _ = pad_batch([np.asarray(enc[i], dtype=np.int64) for i in idx], tokenizer.pad_token_id, np.int64)
+        ids = torch.from_numpy(padded).to(dev)  # built on the host, copied once
         am = ids.ne(tokenizer.pad_token_id).long()
         if mode == "ar":
             tokens = beam_search(model, ids, am, beam)[0]
