@@ -90,9 +90,10 @@ class MultiTaskNAT(nn.Module):
                        length_targets=length_targets, encoder_out=enc, host_counts=host_counts)
         valid = labels.ne(self.config.pad_token_id)
         logits = self.at_logits(enc, attention_mask, labels)
-        logp = F.log_softmax(logits[valid].float(), dim=-1)
-        nll = _smoothed_nll(logp, labels[valid], nat_obj.label_smoothing)
-        at_loss = nll.sum() / valid.sum().clamp(min=1) if nat_obj.reduction == "mean" else nll.sum()
+        logp = F.log_softmax(logits.float(), dim=-1)  # every slot, pads weighted 0: no boolean indexing (a sync)
+        nll = (_smoothed_nll(logp, labels, nat_obj.label_smoothing) * valid).sum()
+        count = valid.sum().clamp(min=1) if host_counts is None else max(int(host_counts["n_tokens"]), 1)
+        at_loss = nll / count if nat_obj.reduction == "mean" else nll
         nat_loss = out.losses["total"]
         losses = dict(out.losses)
         losses.update(nat=nat_loss, at=at_loss, total=lam * nat_loss + (1.0 - lam) * at_loss,
