@@ -1,22 +1,47 @@
-"""Training-step cost of the JANUS objective vs plain HF BART, side by side in one run.
+"""Training-step cost of the JANUS objective vs plain HF BART: time, peak memory, FLOP/s, MFU.
 
-Both models get the same batch (source and target blocks of ``--seq`` tokens), dims,
-threads and optimizer (AdamW); a step is forward + backward + optimizer step. Steps of
-the two models are interleaved so machine noise hits both alike. Prints one JSON object
-on the last line; ``janus_over_bart`` is the key figure (at bart-base dims).
+Three variants get the same batch (source and target blocks of ``--seq`` tokens), dims,
+threads and optimizer (AdamW); a step is forward + backward + optimizer step:
 
-    python -m benchmarks.train_step                 # small + bart-base dims
-    python -m benchmarks.train_step --dims small --steps 3
+* ``bart``: HF ``BartForConditionalGeneration`` (teacher-forced cross-entropy);
+* ``janus``: JanusBart with the objective's default chunked vocabulary losses;
+* ``janus_unchunked``: the same model and objective with ``loss_chunk_rows=0`` (every logit
+  row at once; the "before" of the chunked losses).
+
+Step time: the variants' steps are interleaved in one process so machine noise hits all
+alike (median of ``--steps``; CUDA timings are bracketed by ``torch.cuda.synchronize``).
+JANUS steps pass ``host_counts`` (as the data collators do), so they run sync-free.
+Peak memory: each variant runs in a fresh subprocess: after a warm-up step (optimizer state
+allocated) the peak is reset and one more step is measured: ``peak_mem_mb`` is the step's
+peak over the memory held just before it (CPU: the process's peak resident set
+``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with glibc returning freed
+blocks to the system; CUDA: ``torch.cuda.max_memory_allocated``). ``peak_mem_total_mb`` is
+the absolute peak. FLOPs per step come from ``janus.flops`` (matmuls only, 3x forward);
+``mfu`` = achieved FLOP/s / the best dense matmul rate measured on this machine in the same
+dtype ("CPU MFU" on a CPU); on a known GPU ``mfu_vs_spec`` uses its datasheet peak.
+
+    python -m benchmarks.train_step                     # bart-base dims, 2 x 512 (several minutes on 2 cores)
+    python -m benchmarks.train_step --small             # smoke run, well under a minute
+    python -m benchmarks.train_step --device cuda --dtype bfloat16
+
+Prints one JSON object per variant group and the summary on the last line;
+``janus_over_bart`` (step time) and ``chunked_over_unchunked_memory`` are the key figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import resource
+import subprocess
+import sys
 import time
 
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
+from janus.flops import bart_step_flops, janus_step_flops, peak_tflops_for
 from janus.masking import span_mask
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
@@ -27,6 +52,11 @@ DIMS = {
     "bart-base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                       decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265),
 }
+VARIANTS = ("bart", "janus", "janus_unchunked")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# glibc: blocks above this size are mmap'ed and returned on free, so the resident set follows
+# the live tensors (set for the memory-probe subprocesses only).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def make_batch(vocab: int, batch: int, seq: int, ratio: float, seed: int = 0):
@@ -38,64 +68,233 @@ def make_batch(vocab: int, batch: int, seq: int, ratio: float, seed: int = 0):
     return input_ids, attention_mask, labels, decoder_mask
 
 
-def bench(dims: str, batch: int, seq: int, steps: int, preset: str, ratio: float) -> dict:
-    config = BartConfig(max_position_embeddings=max(1024, seq + 2), **DIMS[dims])
-    torch.manual_seed(0)
-    hf = BartForConditionalGeneration(config).train()
-    janus = JanusBart(config).train()
-    x, am, y, dm = make_batch(config.vocab_size, batch, seq, ratio)
-    objective = ObjectiveConfig.from_preset(preset)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
-    opt_j = torch.optim.AdamW(janus.parameters(), lr=1e-5)
+def host_counts(labels: torch.Tensor, decoder_mask: torch.Tensor, pad_id: int) -> dict:
+    """What the collators compute on the CPU: the counts that keep the loss path sync-free."""
+    valid = labels.ne(pad_id)
+    masked = decoder_mask.bool() & valid
+    return {"n_tokens": int(valid.sum()), "n_masked": int(masked.sum()), "num_masked_max": int(masked.sum(1).max())}
 
-    def step_hf():
-        loss = hf(input_ids=x, attention_mask=am, labels=y).loss
-        loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
 
-    def step_janus():
-        loss = janus(x, am, y, dm, objective=objective).loss
-        loss.backward()
-        opt_j.step()
-        opt_j.zero_grad(set_to_none=True)
+class Setup:
+    """Model(s), batch, optimizer(s) and a step function per variant."""
 
-    times = {"bart": [], "janus": []}
-    step_hf(), step_janus()  # warm-up (allocator, optimizer state)
-    for _ in range(steps):
-        for name, fn in (("bart", step_hf), ("janus", step_janus)):
+    def __init__(self, args, variants):
+        self.device = torch.device(args.device)
+        self.dtype = DTYPES[args.dtype]
+        self.config = BartConfig(max_position_embeddings=max(1024, args.seq + 2), **DIMS[args.dims])
+        cpu_batch = make_batch(self.config.vocab_size, args.batch, args.seq, args.ratio)
+        self.cpu_batch = cpu_batch
+        self.counts = host_counts(cpu_batch[2], cpu_batch[3], self.config.pad_token_id)
+        self.batch = [t.to(self.device) for t in cpu_batch]
+        self.objective = ObjectiveConfig(preset=args.preset)
+        self.unchunked = ObjectiveConfig(preset=args.preset, loss_chunk_rows=0)
+        self.steps = {}
+        torch.manual_seed(0)
+        if "bart" in variants:
+            hf = BartForConditionalGeneration(self.config).to(self.device).train()
+            self.steps["bart"] = self._step(hf, lambda x, am, y, dm: hf(input_ids=x, attention_mask=am, labels=y).loss)
+        janus_variants = [v for v in variants if v.startswith("janus")]
+        if janus_variants:
+            torch.manual_seed(0)
+            janus = JanusBart(self.config).to(self.device).train()
+            opt = torch.optim.AdamW(janus.parameters(), lr=1e-5)
+            for v in janus_variants:  # one model and optimizer; the variants differ in the objective only
+                objective = self.objective if v == "janus" else self.unchunked
+                self.steps[v] = self._step(janus, lambda x, am, y, dm, o=objective: janus(
+                    x, am, y, dm, objective=o, host_counts=self.counts).loss, opt)
+
+    def _step(self, model, loss_fn, opt=None):
+        opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=1e-5)
+        autocast = self.dtype != torch.float32
+
+        def step():
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+                loss = loss_fn(*self.batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def flops(self, variant: str) -> float:
+        B, S = self.cpu_batch[0].shape
+        N = self.cpu_batch[2].shape[1]
+        if variant == "bart":
+            return bart_step_flops(self.config, B * S, B * N, batch_size=B)
+        objective = self.objective if variant == "janus" else self.unchunked
+        return janus_step_flops(self.config, patterns=objective.patterns(), batch_size=B, src_tokens=B * S, src_len=S,
+                                tgt_len=N, **self.counts)
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_status(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) / 1024 if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_memory(args) -> dict:
+    """Runs in a fresh process: one warm-up step, then the peak of one measured step."""
+    setup = Setup(args, [args.probe])
+    step = setup.steps[args.probe]
+    if setup.device.type == "cuda":
+        step()
+        setup.sync()
+        torch.cuda.reset_peak_memory_stats(setup.device)
+        before = torch.cuda.memory_allocated(setup.device)
+        step()
+        setup.sync()
+        peak = torch.cuda.max_memory_allocated(setup.device)
+        return {"peak_mem_mb": (peak - before) / 2**20, "peak_mem_total_mb": peak / 2**20,
+                "mem_method": "cuda max_memory_allocated"}
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step()
+    before = _proc_status("VmRSS")
+    if before is not None and _reset_peak_rss():
+        step()
+        peak = _proc_status("VmHWM")
+        return {"peak_mem_mb": peak - before, "peak_mem_total_mb": peak,
+                "mem_method": "VmHWM after clear_refs, minus VmRSS before the step"}
+    # No /proc peak reset: the warm-up step's peak over the resident set before it (includes
+    # the optimizer state allocated by that first step).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mem_mb": peak - start_rss, "peak_mem_total_mb": peak,
+            "mem_method": "ru_maxrss over the first step (includes optimizer state)"}
+
+
+def measure_memory(args, argv: list[str]) -> dict:
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, "-m", "benchmarks.train_step", *argv, "--probe", variant]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV},
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe {variant} failed:\n{proc.stderr[-4000:]}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ----------------------------------------------------------------------------- matmul peak
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Best FLOP/s of a few large dense matmuls (the machine's practical peak)."""
+    sizes = (1024, 2048) if device.type == "cpu" else (4096, 8192)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)
+        reps = 3 if device.type == "cpu" else 20
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+
+# ----------------------------------------------------------------------------- main
+def bench(args, argv: list[str]) -> dict:
+    memory = measure_memory(args, argv) if not args.no_memory else {}
+    setup = Setup(args, VARIANTS)
+    device = setup.device
+    rate = matmul_rate(device, setup.dtype)
+    times = {v: [] for v in VARIANTS}
+    for v in VARIANTS:  # warm-up (allocator, optimizer state)
+        setup.steps[v]()
+    setup.sync()
+    for _ in range(args.steps):
+        for v in VARIANTS:
+            setup.sync()
             t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    tokens = batch * seq
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {
-        "dims": dims, "batch": batch, "seq": seq, "preset": preset, "decoder_mask_ratio": float(dm.float().mean()),
-        "bart_step_s": med["bart"], "janus_step_s": med["janus"],
-        "bart_tokens_per_s": tokens / med["bart"], "janus_tokens_per_s": tokens / med["janus"],
-        "janus_over_bart": med["janus"] / med["bart"], "steps": steps,
+            setup.steps[v]()
+            setup.sync()
+            times[v].append(time.perf_counter() - t)
+    spec = None
+    if device.type == "cuda":
+        tf = peak_tflops_for(torch.cuda.get_device_name(device), "bf16" if args.dtype == "bfloat16" else "tf32")
+        spec = tf * 1e12 if tf else None
+    tokens = args.batch * args.seq
+    variants = {}
+    for v in VARIANTS:
+        step_s = sorted(times[v])[len(times[v]) // 2]
+        flops = setup.flops(v)
+        variants[v] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "flops_per_step": flops,
+                       "flops_per_s": flops / step_s, "mfu": flops / step_s / rate,
+                       **({"mfu_vs_spec": flops / step_s / spec} if spec else {}), **memory.get(v, {})}
+    j, u, b = variants["janus"], variants["janus_unchunked"], variants["bart"]
+    summary = {
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype, "threads": torch.get_num_threads(), "dims": args.dims, "batch": args.batch,
+        "seq": args.seq, "preset": args.preset, "steps": args.steps,
+        "loss_chunk_rows": setup.objective.loss_chunk_rows,
+        "decoder_mask_ratio": setup.counts["n_masked"] / setup.counts["n_tokens"],
+        "matmul_flops_per_s": rate, "spec_peak_flops_per_s": spec,
+        "variants": variants,
+        "janus_over_bart": j["step_s"] / b["step_s"],
+        "janus_unchunked_over_bart": u["step_s"] / b["step_s"],
+        "chunked_over_unchunked_time": j["step_s"] / u["step_s"],
+        "flops_janus_over_bart": j["flops_per_step"] / b["flops_per_step"],
     }
+    if memory:
+        summary["chunked_over_unchunked_memory"] = j["peak_mem_mb"] / u["peak_mem_mb"]
+        summary["janus_over_bart_memory"] = j["peak_mem_mb"] / b["peak_mem_mb"]
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", choices=list(DIMS), default="bart-base")
+    p.add_argument("--small", action="store_true", help="smoke run: small dims, 1 x 64 tokens, 1 measured step")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
+    p.add_argument("--preset", default="janus")
+    p.add_argument("--ratio", type=float, default=0.5, help="decoder mask ratio")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="bfloat16 = autocast (fp32 master weights, log-softmax in fp32)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-memory", action="store_true", help="skip the memory-probe subprocesses")
+    p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.small:
+        args.dims, args.batch, args.seq, args.steps = "small", 1, 64, 1
+    return args
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", choices=[*DIMS, "all"], default="all")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3, help="measured steps per model (median reported)")
-    p.add_argument("--preset", default="janus")
-    p.add_argument("--ratio", type=float, default=0.5, help="decoder mask ratio")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {}
-    for dims in (DIMS if args.dims == "all" else [args.dims]):
-        results[dims] = bench(dims, args.batch, args.seq, args.steps, args.preset, args.ratio)
-        print(json.dumps(results[dims]), flush=True)
-    summary = {"threads": args.threads, **{f"{d}": r for d, r in results.items()}}
-    if "bart-base" in results:
-        summary["janus_over_bart"] = results["bart-base"]["janus_over_bart"]
-    print(json.dumps(summary))
+    if args.probe:
+        result = probe_memory(args)
+        print(json.dumps(result), flush=True)
+        return result
+    child_argv = [a for a in argv if a != "--small"] + (
+        ["--dims", args.dims, "--batch", str(args.batch), "--seq", str(args.seq)] if args.small else [])
+    child_argv += ["--threads", str(args.threads)]
+    summary = bench(args, child_argv)
+    for v, r in summary["variants"].items():
+        print(json.dumps({"variant": v, **r}), flush=True)
+    print(json.dumps(summary), flush=True)
     return summary
 
 

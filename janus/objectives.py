@@ -275,57 +275,67 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def _group_pass(spec: _ChunkSpec, patterns: tuple[str, ...], kl_terms, x: torch.Tensor, t: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None, coef: dict | None, sums: dict | None):
-    """One chunk: ``x`` [g, P, D] rows (compute dtype) of g positions x P patterns, targets
+    """One chunk: ``x`` [P, g, D] rows (compute dtype) of P patterns x g positions, targets
     ``t`` [g]. Adds each term's sum over the chunk to ``sums`` and, given ``coef`` (term ->
     multiplier, python float or 0-dim tensor), returns the gradient of ``sum_term coef *
-    term_sum`` w.r.t. the chunk's logits, [g, P, V] fp32 (None without ``coef``)."""
-    g, P, D = x.shape
-    lp = _logits(spec, x.reshape(g * P, D), weight, bias).view(g, P, -1)
+    term_sum`` w.r.t. the chunk's logits, [P, g, V] (fp32; None without ``coef``)."""
+    P, g, D = x.shape
+    lp = F.log_softmax(_logits(spec, x.reshape(P * g, D), weight, bias), dim=-1).view(P, g, -1)
     V = lp.shape[-1]
-    lp = lp.sub_(torch.logsumexp(lp, -1, keepdim=True))  # in place: the logits become log-probs
-    idx = t.view(g, 1, 1).expand(g, P, 1)
     eps = spec.eps
     if sums is not None:
-        row = -lp.gather(-1, idx).squeeze(-1)  # [g, P] nll
+        row = -lp.gather(-1, t.view(1, g, 1).expand(P, g, 1)).squeeze(-1)  # [P, g] nll
         if eps:
             row = (1.0 - eps) * row - eps * lp.mean(-1)
         for j, name in enumerate(patterns):
-            sums[name].append(row[:, j].sum())
-    p = lp.exp()
+            sums[name].append(row[j].sum())
     col = {name: j for j, name in enumerate(patterns)}
-    kl_rows: dict[str, torch.Tensor] = {}
+    # KL(a||b) = sum p_a (lp_a - lp_b) = sign * sum p_a * diff[pair]: one difference per pair
+    # serves both directions (and the gradients below).
     diffs: dict[tuple[str, str], torch.Tensor] = {}
-    for term, a, b in kl_terms:  # KL(a||b) = sum p_a (lp_a - lp_b), one difference per pair
-        key = (a, b) if (a, b) in _KL_PAIRS else (b, a)
+    signed: dict[str, tuple[tuple[str, str], float]] = {}
+    for term, a, b in kl_terms:
+        key, sign = ((a, b), 1.0) if (a, b) in _KL_PAIRS else ((b, a), -1.0)
         if key not in diffs:
-            diffs[key] = lp[:, col[key[0]]] - lp[:, col[key[1]]]
-        d = diffs[key] if key == (a, b) else -diffs[key]
-        kl_rows[term] = (p[:, col[a]] * d).sum(-1)
+            diffs[key] = lp[col[key[0]]] - lp[col[key[1]]]
+        signed[term] = (key, sign)
+    p = lp.exp_()  # in place: the differences above are separate tensors
+    del lp
+    kl_rows: dict[str, torch.Tensor] = {}
+    for term, a, b in kl_terms:
+        key, sign = signed[term]
+        kl_rows[term] = (p[col[a]] * diffs[key]).sum(-1)
+        if sign < 0:
+            kl_rows[term] = -kl_rows[term]
         if sums is not None:
             sums[term].append(kl_rows[term].sum())
-    del diffs
     if coef is None:
         return None
     # d nll_smoothed / d z = p - q with q = (1 - eps) onehot(t) + eps / V;
-    # d KL(a||b) / d z_a = p_a * (lp_a - lp_b - KL(a||b));  d KL(a||b) / d z_b = p_b - p_a.
-    # For pattern n: grad_n = p_n * (C_out * lp_n - sum_b c_nb lp_b + c_n + sum_a c_an - sum_b c_nb KL_nb)
-    #                         - sum_a c_an p_a - c_n q.
-    grad = torch.empty_like(lp)
+    # d KL(a||b) / d z_a = p_a * (lp_a - lp_b - KL(a||b));  d KL(a||b) / d z_b = p_b - p_a. So
+    # grad_n = p_n * (sum_b c_nb (lp_n - lp_b) + c_n + sum_a c_an - sum_b c_nb KL_nb) - sum_a c_an p_a - c_n q.
+    grad = torch.empty_like(p) if kl_terms else p  # NLL only: p itself becomes the gradient
     for j, name in enumerate(patterns):
-        out_kl = [(term, col[b]) for term, a, b in kl_terms if a == name]
+        out_kl = [term for term, a, _ in kl_terms if a == name]
         in_kl = [(term, col[a]) for term, a, b in kl_terms if b == name]
         c_nll = coef[name]
-        gj = grad[:, j]
+        gj = grad[j]
+        shift = c_nll + sum(coef[term] for term, _ in in_kl)
         if out_kl:
-            gj.copy_(lp[:, j]).mul_(sum(coef[term] for term, _ in out_kl))
-            shift = c_nll + sum(coef[term] for term, _ in in_kl) - sum(coef[term] * kl_rows[term] for term, _ in out_kl)
-            for term, k in out_kl:
-                _axpy(gj, lp[:, k], coef[term], -1.0)
-            gj.add_(shift.unsqueeze(-1)).mul_(p[:, j])
+            shift = shift - sum(coef[term] * kl_rows[term] for term in out_kl)
+            for i, term in enumerate(out_kl):  # sum_b c_nb (lp_n - lp_b), from the pair differences
+                key, sign = signed[term]
+                if i == 0:
+                    torch.mul(diffs[key], coef[term] * sign, out=gj)
+                else:
+                    _axpy(gj, diffs[key], coef[term], sign)
+            gj.add_(shift.unsqueeze(-1)).mul_(p[j])
+        elif grad is p:
+            gj.mul_(shift)
         else:
-            gj.copy_(p[:, j]).mul_(c_nll + sum(coef[term] for term, _ in in_kl))
+            torch.mul(p[j], shift, out=gj)
         for term, k in in_kl:
-            _axpy(gj, p[:, k], coef[term], -1.0)
+            _axpy(gj, p[k], coef[term], -1.0)
         if isinstance(c_nll, float) and c_nll == 0.0:
             continue
         if eps:
@@ -363,7 +373,7 @@ class _VocabPass:
         grads = None
         if coef is not None:
             grads = {"groups": torch.empty_like(self.h_groups), "single": torch.empty_like(self.h_single),
-                     "weight": torch.zeros(self.weight.shape, dtype=acc, device=device),
+                     "weight": None,  # the first chunk writes it (no zero fill of a [vocab, d_model] tensor)
                      "bias": (torch.zeros(self.weight.shape[0], dtype=acc, device=device)
                               if grad_bias else None)}
         parts = [("groups", self.h_groups, self.t_groups, spec.patterns, spec.kl_terms),
@@ -374,22 +384,26 @@ class _VocabPass:
             P = len(patterns)
             step = max(1, spec.chunk_rows // P)
             for s in range(0, h.shape[0], step):
-                hc = h[s:s + step]
-                x = hc.to(cd)
+                hc = h[s:s + step]  # [g, P, D]
+                x = hc.transpose(0, 1).to(cd).contiguous()  # [P, g, D]: one pattern's rows contiguous
                 grad_z = _group_pass(spec, patterns, kl_terms, x, t[s:s + step], w, self.bias, coef, sums)
                 if grad_z is None:
                     continue
                 gz = grad_z.view(-1, grad_z.shape[-1])
                 gzc = gz.to(cd)
-                xf = x.reshape(-1, x.shape[-1])
-                grads[key][s:s + step] = torch.mm(gzc, w).view_as(hc).to(hc.dtype)
-                if cd == acc:
+                xf = x.view(-1, x.shape[-1])
+                grads[key][s:s + step] = torch.mm(gzc, w).view(x.shape).transpose(0, 1).to(hc.dtype)
+                if grads["weight"] is None:
+                    grads["weight"] = torch.mm(gzc.t(), xf).to(acc)
+                elif cd == acc:
                     grads["weight"].addmm_(gzc.t(), xf)
                 else:
                     grads["weight"].add_(torch.mm(gzc.t(), xf))
                 if grads["bias"] is not None:
                     grads["bias"].add_(gz.sum(0))
                 del grad_z, gz, gzc
+        if grads is not None and grads["weight"] is None:  # no rows at all
+            grads["weight"] = torch.zeros(self.weight.shape, dtype=acc, device=device)
         if sums is not None:
             zero = torch.zeros((), dtype=acc, device=device)
             sums = torch.stack([torch.stack(v).sum() if v else zero for v in sums.values()])

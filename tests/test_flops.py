@@ -152,3 +152,22 @@ def test_peak_table():
     assert peak_tflops_for("NVIDIA A100-SXM4-80GB", "float32") is None
     for kind in ("bf16", "fp16", "tf32"):
         assert PEAK_TFLOPS[("h200", kind)] == PEAK_TFLOPS[("h100", kind)]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_smoke():
+    """benchmarks.train_step --small: every variant timed and memory-probed in its own process."""
+    from benchmarks.train_step import main
+
+    summary = main(["--small", "--seq", "32", "--device", "cpu", "--threads", "1"])
+    assert set(summary["variants"]) == {"bart", "janus", "janus_unchunked"}
+    assert summary["loss_chunk_rows"] > 0 and summary["device"] == "cpu"
+    for name, v in summary["variants"].items():
+        assert v["step_s"] > 0 and v["flops_per_step"] > 0, name
+        assert 0 < v["mfu"] <= 1.5, (name, v["mfu"])
+        assert v["peak_mem_mb"] >= 0 and v["peak_mem_total_mb"] >= v["peak_mem_mb"], name
+    janus, bart = summary["variants"]["janus"], summary["variants"]["bart"]
+    assert janus["flops_per_step"] == summary["variants"]["janus_unchunked"]["flops_per_step"]
+    assert 1.5 < summary["flops_janus_over_bart"] < 3.5
+    assert summary["janus_over_bart"] == pytest.approx(janus["step_s"] / bart["step_s"])
+    assert summary["chunked_over_unchunked_memory"] > 0 and summary["matmul_flops_per_s"] > 0
