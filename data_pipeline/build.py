@@ -55,13 +55,14 @@ def build(cfg: BuildConfig) -> dict:
     swapped in only when complete, so a failed, interrupted or killed build never harms a previous one."""
     specs = _validate(cfg)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
-    _remove_dead_staging(cfg.out)
-    staging = cfg.out.parent / f"{_STAGING_PREFIX.format(name=cfg.out.name)}{socket.gethostname()}-{os.getpid()}"
+    out = Path(os.path.realpath(cfg.out))  # through a symlink: build beside and replace its target, keep the link
+    _remove_dead_staging(out)
+    staging = out.parent / f"{_STAGING_PREFIX.format(name=out.name)}{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         manifest = _build_into(staging, cfg, specs, tok)
-        _swap_in(staging, cfg.out)
+        _swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -144,7 +145,7 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.rename(out, aside)
         os.rename(staging, out)
         staging = aside
-    shutil.rmtree(staging)  # now the previous build
+    shutil.rmtree(staging, ignore_errors=True)  # now the previous build
 
 
 def _exchange(a: Path, b: Path) -> bool:

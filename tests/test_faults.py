@@ -263,6 +263,14 @@ def test_out_folder_with_other_data_is_never_replaced(tmp_path):
     assert (out / "thesis.tex").read_text() == "precious"
 
 
+def test_overwriting_through_a_symlink_keeps_the_link(shards, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(shards, target_is_directory=True)
+    source = str(write_jsonl(tmp_path / "a.jsonl", make_docs(30, seed=6)))
+    build_tiny(link, [source], overwrite=True)
+    assert link.is_symlink() and read_manifest(shards)["sources"][0]["location"] == source
+
+
 # ---------------------------------------------------------------- tokenizer (items 2, 3)
 
 def test_changed_tokenizer_is_refused_at_training_start(shards, tmp_path):
@@ -523,6 +531,8 @@ def test_e2e_killed_save_truncated_checkpoint_fallback_and_export_tokenizer(shar
         assert again[step]["loss/total"] == pytest.approx(first[step]["loss/total"], rel=1e-6), step
     log = [json.loads(line) for line in (ckpts / "resume_log.jsonl").read_text().splitlines()]
     assert log[-1]["fallbacks"] == 1 and log[-1]["tag"] == "step_00000002"
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["resume_fallbacks"] == 1 and summary["resumed_from"] == "step_00000002" and summary["finished"]
 
     # The checkpoint carries its tokenizer: export ships it even after the shards' copy was replaced.
     original = (shards / "tokenizer" / "tokenizer.json").read_bytes()
