@@ -53,10 +53,10 @@ def build(cfg: BuildConfig) -> dict:
     Everything that can be checked up front is (options, every source, the tokenizer, the output
     folder) before anything is written. The build then happens in a temporary sibling of OUT and is
     swapped in only when complete, so a failed, interrupted or killed build never harms a previous one."""
+    out = Path(os.path.realpath(cfg.out))  # through a symlink: build beside and replace its target, keep the link
+    _remove_dead_staging(out)  # first: may put back a previous build a killed swap left aside
     specs = _validate(cfg)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
-    out = Path(os.path.realpath(cfg.out))  # through a symlink: build beside and replace its target, keep the link
-    _remove_dead_staging(out)
     staging = out.parent / f"{_STAGING_PREFIX.format(name=out.name)}{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -110,14 +110,22 @@ def _is_build_output(name: str) -> bool:
 
 
 def _remove_dead_staging(out: Path) -> None:
-    """Staging folders of builds on this host whose process is gone (killed): never a live build's."""
-    prefix = _STAGING_PREFIX.format(name=out.name) + socket.gethostname() + "-"
+    """Leftovers of builds on this host whose process is gone (killed), never a live build's: staging
+    folders are removed; a previous build set aside by the two-rename swap is put back when `out` is
+    missing (killed between the renames), else removed."""
     if not out.parent.is_dir():
         return
-    for path in out.parent.glob(prefix.replace("[", "[[]") + "*"):
-        pid = path.name[len(prefix):]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for kind in (".build-", ".old-"):
+        prefix = _STAGING_PREFIX.format(name=out.name).replace(".build-", kind) + socket.gethostname() + "-"
+        for path in sorted(out.parent.glob(prefix.replace("[", "[[]") + "*")):
+            pid = path.name[len(prefix):]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == ".old-" and not out.exists() and (path / MANIFEST_FILE).is_file():
+                os.rename(path, out)
+                print(f"restored the previous build {out} (an interrupted build had set it aside)", file=sys.stderr)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -263,6 +263,17 @@ def test_out_folder_with_other_data_is_never_replaced(tmp_path):
     assert (out / "thesis.tex").read_text() == "precious"
 
 
+def test_a_build_set_aside_by_a_killed_swap_is_put_back(shards, tmp_path):
+    import socket
+
+    aside = tmp_path / f".shards.old-{socket.gethostname()}-999999999"  # a pid that cannot be alive
+    shards.rename(aside)
+    source = str(write_jsonl(tmp_path / "a.jsonl", make_docs(10)))
+    with pytest.raises(DataError, match="already holds a build"):
+        build_tiny(shards, [source])  # no --overwrite: the restored build is not replaced
+    assert read_manifest(shards) and not aside.exists()
+
+
 def test_overwriting_through_a_symlink_keeps_the_link(shards, tmp_path):
     link = tmp_path / "link"
     link.symlink_to(shards, target_is_directory=True)
