@@ -35,7 +35,7 @@ from janus.distributed import barrier, is_rank0, print0
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
-HASHED_MAX_BYTES = 16 << 20  # files up to this size (RNG, meta, tokenizer) also get a sha256 in COMPLETE
+HASHED_MAX_BYTES = 4 << 20  # files up to this size (RNG, meta, tokenizer) also get a sha256; every rank checks them
 VIEW_RETRY_S = 5.0  # ranks disagreeing about a checkpoint's files (a lagging shared file system): look again once
 RESUME_LOG = "resume_log.jsonl"
 
