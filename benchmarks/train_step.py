@@ -92,11 +92,14 @@ class Setup:
         torch.manual_seed(0)
         if "bart" in variants:
             hf = BartForConditionalGeneration(self.config).to(self.device).train()
+            if args.gradient_checkpointing:
+                hf.gradient_checkpointing_enable()
             self.steps["bart"] = self._step(hf, lambda x, am, y, dm: hf(input_ids=x, attention_mask=am, labels=y).loss)
         janus_variants = [v for v in variants if v.startswith("janus")]
         if janus_variants:
             torch.manual_seed(0)
             janus = JanusBart(self.config).to(self.device).train()
+            janus.gradient_checkpointing = args.gradient_checkpointing
             opt = torch.optim.AdamW(janus.parameters(), lr=1e-5)
             for v in janus_variants:  # one model and optimizer; the variants differ in the objective only
                 objective = self.objective if v == "janus" else self.unchunked
@@ -211,8 +214,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------------------- main
+def memory_summary(memory: dict) -> dict:
+    j, u, b = (memory[v]["peak_mem_mb"] for v in ("janus", "janus_unchunked", "bart"))
+    return {"chunked_over_unchunked_memory": j / u, "janus_over_bart_memory": j / b}
+
+
 def bench(args, argv: list[str]) -> dict:
     memory = measure_memory(args, argv) if not args.no_memory else {}
+    if args.memory_only:
+        return {"device": args.device, "dtype": args.dtype, "dims": args.dims, "batch": args.batch, "seq": args.seq,
+                "gradient_checkpointing": args.gradient_checkpointing, "variants": memory, **memory_summary(memory)}
     setup = Setup(args, VARIANTS)
     device = setup.device
     rate = matmul_rate(device, setup.dtype)
@@ -244,6 +255,7 @@ def bench(args, argv: list[str]) -> dict:
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "threads": torch.get_num_threads(), "dims": args.dims, "batch": args.batch,
         "seq": args.seq, "preset": args.preset, "steps": args.steps,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "loss_chunk_rows": setup.objective.loss_chunk_rows,
         "decoder_mask_ratio": setup.counts["n_masked"] / setup.counts["n_tokens"],
         "matmul_flops_per_s": rate, "spec_peak_flops_per_s": spec,
@@ -254,29 +266,37 @@ def bench(args, argv: list[str]) -> dict:
         "flops_janus_over_bart": j["flops_per_step"] / b["flops_per_step"],
     }
     if memory:
-        summary["chunked_over_unchunked_memory"] = j["peak_mem_mb"] / u["peak_mem_mb"]
-        summary["janus_over_bart_memory"] = j["peak_mem_mb"] / b["peak_mem_mb"]
+        summary.update(memory_summary(memory))
     return summary
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", choices=list(DIMS), default="bart-base")
-    p.add_argument("--small", action="store_true", help="smoke run: small dims, 1 x 64 tokens, 1 measured step")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
+    p.add_argument("--small", action="store_true", help="smoke run: small dims, 1 x 64 tokens, 1 measured step "
+                                                        "(explicit --batch/--seq/--steps still apply)")
+    p.add_argument("--batch", type=int, default=None, help="samples per batch (default 2; --small: 1)")
+    p.add_argument("--seq", type=int, default=None, help="source and target tokens per sample (default 512; --small: 64)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per variant, median reported (default 3; "
+                                                            "--small: 1)")
     p.add_argument("--preset", default="janus")
     p.add_argument("--ratio", type=float, default=0.5, help="decoder mask ratio")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="bfloat16 = autocast (fp32 master weights, log-softmax in fp32)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing per layer in every variant (memory then shows the loss part)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory-probe subprocesses")
+    p.add_argument("--memory-only", action="store_true", help="only the memory probes (no timing)")
     p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    defaults = dict(batch=1, seq=64, steps=1) if args.small else dict(batch=2, seq=512, steps=3)
     if args.small:
-        args.dims, args.batch, args.seq, args.steps = "small", 1, 64, 1
+        args.dims = "small"
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     return args
 
 
@@ -288,7 +308,7 @@ def main(argv=None) -> dict:
         result = probe_memory(args)
         print(json.dumps(result), flush=True)
         return result
-    child_argv = [a for a in argv if a != "--small"] + (
+    child_argv = [a for a in argv if a not in ("--small", "--memory-only", "--no-memory")] + (
         ["--dims", args.dims, "--batch", str(args.batch), "--seq", str(args.seq)] if args.small else [])
     child_argv += ["--threads", str(args.threads)]
     summary = bench(args, child_argv)
