@@ -36,7 +36,7 @@ verifier reproduces that arithmetic (sequential float32 score sums). But one
 pass over many positions is not bit-identical to many incremental steps (BLAS kernels and
 attention reductions depend on the number of rows: ~1e-6 in log-prob at small dims, more at
 bart-base dims), so a near-tie could flip. Every token is therefore *certified*: the verifier's
-top-1 must beat the runner-up by more than ``tie_margin`` (+ 8 float ulps of the score; default
+top-1 must beat the runner-up by more than ``tie_margin`` (+ 2 float ulps of the score; default
 1e-4 in float32, 30x the largest discrepancy measured, 3e-6 at bart-base dims), which makes the
 incremental decoder choose the same token. An uncertified slot (a near-tie) is resolved by an **exact replay**: the
 incremental ``ARStepper`` on that source alone, teacher-forced through the committed prefix, whose
@@ -152,8 +152,11 @@ class _Verifier:
         tokens = torch.cat([content, torch.full_like(content, m.mask_token_id)], 1)
         positions = torch.cat([thr, thr + 1], 1).clamp(max=limit)  # clamped slots are padding only
         keys = int(L.max()) + n
-        both = torch.cat([thr, thr], 1)
-        mask = (torch.arange(keys, device=dev)[None, None, :] <= both[:, :, None]).unsqueeze(1)
+        if R == 1 and n == 1:  # every key is visible: no mask (the plain greedy step)
+            mask = None
+        else:
+            both = torch.cat([thr, thr], 1)
+            mask = (torch.arange(keys, device=dev)[None, None, :] <= both[:, :, None]).unsqueeze(1)
         write = thr[:, None, :, None].expand(R, H, n, self.k[0].shape[-1])
         h = m.embed_decoder(tokens, positions)
         layers = m.model.decoder.layers
@@ -165,7 +168,8 @@ class _Verifier:
             self.v[i].scatter_(2, write, _heads(sa.v_proj(src), H))
             x = h[:, n:] if last else h  # the last layer's content rows are never needed
             a = F.scaled_dot_product_attention(_heads(sa.q_proj(x), H), self.k[i][:, :, :keys],
-                                               self.v[i][:, :, :keys], attn_mask=mask[:, :, n:] if last else mask,
+                                               self.v[i][:, :, :keys],
+                                               attn_mask=mask[:, :, n:] if last and mask is not None else mask,
                                                scale=sa.scaling)
             x = layer.self_attn_layer_norm(x + sa.out_proj(_merge(a)))
             ca = layer.encoder_attn
@@ -199,6 +203,31 @@ def _ban_ngrams_windowed(lp: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, n
         banned = torch.where(hit, grams[:, None, :, -1].expand(R, S, G), V)
     padded = torch.cat([lp, lp.new_zeros(R, S, 1)], 2).scatter(2, banned, float("-inf"))
     return padded[..., :V]
+
+
+def _bans(lp: torch.Tensor, t: torch.Tensor, seq: torch.Tensor, cfg: SpecConfig, not_eos: torch.Tensor,
+          ids: tuple[int, int, int]) -> torch.Tensor:
+    """Beam search's bans on [R, S, V] log-probs of the slots ``t`` [R, S] (``seq``: the tokens
+    before them): never <pad>/<mask>, </s> only from ``min_len`` on and alone at ``max_len``,
+    no repeated n-gram. -inf entries only; every other value is left bit-identical."""
+    pad, mask_id, eos = ids
+    lp[..., [pad, mask_id]] = float("-inf")
+    if cfg.min_len > 1:
+        lp[..., eos] = lp[..., eos].masked_fill(t + 1 < cfg.min_len, float("-inf"))
+    lp = lp.masked_fill((t == cfg.max_len - 1)[..., None] & not_eos, float("-inf"))  # the last slot closes
+    return _ban_ngrams_windowed(lp, seq, t, cfg.no_repeat_ngram)
+
+
+def _certified(lp: torch.Tensor, best_lp: torch.Tensor, best: torch.Tensor, score: torch.Tensor,
+               tau: float) -> torch.Tensor:
+    """Whether greedy (top of fl(score + log p) in float32, computed incrementally) surely picks
+    ``best``: its log-prob lead over the runner-up exceeds tau (which bounds the one-pass vs
+    incremental discrepancy twice over) plus 2 ulps of |score| + |log p| (so that rounding the
+    score addition cannot make it tie). A slot with a single finite choice (a forced </s>) is certain."""
+    eps = torch.finfo(torch.float32).eps
+    second = lp.scatter(-1, best[..., None], float("-inf")).max(-1).values
+    lead = best_lp - second
+    return (lead > tau + 2 * eps * (score.abs() + best_lp.abs())) | (torch.isinf(second) & torch.isfinite(best_lp))
 
 
 class _Replay:
@@ -293,7 +322,6 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     use_head = cfg.draft_length == "head" and model.length_head is not None
     len_logits = model.length_logits(enc, attention_mask).float() if use_head else None
     tau = cfg.margin_for(enc.dtype)
-    eps = torch.finfo(torch.float32).eps
     verifier = _Verifier(model, cross, cross_mask, B, max_len + window + 2)
     width = max_len + window + 1
     out = torch.full((B, max_len), pad, dtype=torch.long, device=dev)
@@ -315,6 +343,24 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
           "drafted_verifications": 0, "accepted": 0, "replays": 0, "replay_steps": 0, "single_verification": 0}
     ar_slots = torch.arange(width, device=dev)
+    not_eos = torch.arange(model.config.vocab_size, device=dev) != eos
+    n_drafted = n_accepted = torch.zeros((), dtype=torch.long, device=dev)
+
+    def resolve(rows: torch.Tensor, slot: torch.Tensor, committed: torch.Tensor, nxt: torch.Tensor,
+                new_score: torch.Tensor) -> None:
+        """Greedy's own token (and score) at ``slot`` for the uncertified ``rows``, by exact replay."""
+        for r in rows.tolist():
+            b = int(idx[r])
+            rep = replays.get(b)
+            if rep is None:
+                rep = replays[b] = _Replay(model, input_ids[b], attention_mask[b])
+            before = rep.steps
+            tok, s = rep.token_at(int(slot[r]), committed[r], cfg)
+            st["replays"] += 1
+            st["replay_steps"] += rep.steps - before
+            nxt[r] = tok
+            new_score[r] = s[0]
+
     while len(idx):
         R = len(idx)
         clock.lap("ms_encoder" if clock.first else "ms_verify")
@@ -346,97 +392,79 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
         # 2. Verify: w draft tokens per row in one AR pass.
         w = torch.minimum(torch.minimum(win, dlen), max_len - 1 - L).clamp(min=0)
         W = int(w.max())
-        content = torch.cat([last[:, None], draft[:, :W]], 1)
-        hq = verifier.run(content, L)
-        lp = torch.log_softmax(model.logits(hq).float(), dim=-1)  # [R, W+1, V]
-        lp[..., [pad, mask_id]] = float("-inf")
-        t = L[:, None] + torch.arange(W + 1, device=dev)  # output slot of each query
-        if cfg.min_len > 1:
-            lp[..., eos] = lp[..., eos].masked_fill(t + 1 < cfg.min_len, float("-inf"))
-        at_end = t == max_len - 1
-        if bool(at_end.any()):
-            only_eos = torch.full_like(lp[0, 0], float("-inf"))
-            only_eos[eos] = 0.0
-            lp = torch.where(at_end[..., None], only_eos + lp, lp)
-        if cfg.no_repeat_ngram:
-            seq = toks.scatter(1, (L[:, None] + torch.arange(W, device=dev)).clamp(max=width - 1), draft[:, :W]) \
-                if W else toks
-            lp = _ban_ngrams_windowed(lp, seq, t, cfg.no_repeat_ngram)
-        d = content[:, 1:]
-        d_lp = lp[:, :W].gather(-1, d[..., None]).squeeze(-1)  # [R, W]
-        sums = [score]
-        for i in range(W):  # float32 sums in greedy's order: score after slot i
-            sums.append(sums[-1] + d_lp[:, i])
-        S = torch.stack(sums, 1)  # [R, W+1]: score before each slot if the drafts before it are taken
-        # Greedy takes the top of fl(score + log p). A log-prob lead over the runner-up above tau plus
-        # 8 ulps of |score| + |log p| survives both the one-pass/incremental discrepancy (< tau / 2)
-        # and the rounding of the score addition, so the top-1 of log p is greedy's token.
-        best_lp, ar_tok = lp.max(-1)
-        second = lp.scatter(-1, ar_tok[..., None], float("-inf")).max(-1).values
-        gap = best_lp - second
-        cert = (gap > tau + 8 * eps * (S.abs() + best_lp.abs())) | (torch.isinf(second) & torch.isfinite(best_lp))
-        in_w = torch.arange(W, device=dev) < w[:, None]
-        ok = (ar_tok[:, :W] == d) & cert[:, :W]
-        if cfg.relaxed_topk:
-            better = (lp[:, :W] > d_lp[..., None]).sum(-1)
-            best = lp[:, :W].max(-1).values
-            ok |= (better < cfg.relaxed_topk) & (d_lp >= best - cfg.relaxed_margin) & torch.isfinite(d_lp)
-        ok &= in_w
-        acc = ok.long().cumprod(1).sum(1)  # accepted draft tokens per row
-        acc_eos = (acc > 0) & (d.gather(1, (acc - 1).clamp(min=0)[:, None]).squeeze(1) == eos) if W else \
-            torch.zeros_like(fresh)
-        nxt = ar_tok.gather(1, acc[:, None]).squeeze(1)
-        nxt_ok = cert.gather(1, acc[:, None]).squeeze(1) | acc_eos
-        new_score = S.gather(1, acc[:, None]).squeeze(1)  # the score after the accepted drafts ...
-        new_score = torch.where(acc_eos, new_score, new_score + best_lp.gather(1, acc[:, None]).squeeze(1))  # + AR's
-        if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
-            clock.lap("ms_verify")
-            committed = toks.scatter(1, (L[:, None] + torch.arange(W, device=dev)).clamp(max=width - 1),
-                                     torch.where(torch.arange(W, device=dev) < acc[:, None], d, pad)) if W else toks
-            for r in (~nxt_ok).nonzero().squeeze(1).tolist():
-                b = int(idx[r])
-                rep = replays.get(b)
-                if rep is None:
-                    rep = replays[b] = _Replay(model, input_ids[b], attention_mask[b])
-                before = rep.steps
-                tok, s = rep.token_at(int(L[r] + acc[r]), committed[r], cfg)
-                st["replays"] += 1
-                st["replay_steps"] += rep.steps - before
-                nxt[r] = tok
-                new_score[r] = s[0]
-            clock.lap("ms_replay")
-        # 3. Commit ``acc`` draft tokens and (unless the draft closed with </s>) the AR's token.
-        n_commit = acc + (~acc_eos).long()
-        j = torch.arange(W + 1, device=dev)
-        commit = torch.where(j[None] < acc[:, None], torch.cat([d, d.new_full((R, 1), pad)], 1), nxt[:, None])
-        commit = torch.where(j[None] < n_commit[:, None], commit, pad)
-        toks = toks.scatter(1, (L[:, None] + j).clamp(max=width - 1),
-                            torch.where(j[None] < n_commit[:, None], commit,
-                                        toks.gather(1, (L[:, None] + j).clamp(max=width - 1))))
-        last = commit.gather(1, (n_commit - 1)[:, None]).squeeze(1)
-        L = L + n_commit
-        score = new_score
-        verifications += 1
         st["verify_passes"] += 1
         st["row_passes"] += R
         st["verifications"] += R
-        had = w > 0
-        st["drafted_verifications"] += int(had.sum())
-        st["accepted"] += int(acc.sum())
-        # The draft moves on by what was committed; it goes stale where the AR disagreed.
-        dlen = (dlen - n_commit).clamp(min=0)
-        shift = (ar_slots[None] + n_commit[:, None]).clamp(max=width - 1)
-        draft = draft.gather(1, shift).masked_fill(ar_slots[None] >= dlen[:, None], pad)
-        failed = had & (acc == 0)
-        dlen = dlen.masked_fill(failed, 0)
-        if cfg.adaptive:
-            full = had & (acc == w)
-            win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
-            fresh_fail = had & fresh & (acc < 2)  # a draft pass that saved less than it cost
-            cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
-            pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
-                                torch.where(had & fresh, cfg.backoff, pause))
-        fresh = torch.zeros_like(fresh)
+        verifications += 1
+        if W == 0:  # no row holds a draft: a greedy-like step (one content token, one query)
+            lp = torch.log_softmax(model.logits(verifier.run(last[:, None], L)[:, 0]).float(), dim=-1)  # [R, V]
+            lp = _bans(lp[:, None], L[:, None], toks, cfg, not_eos, (pad, mask_id, eos))[:, 0]
+            best_lp, nxt = lp.max(-1)
+            cert = _certified(lp, best_lp, nxt, score, tau)
+            new_score = score + best_lp
+            if not bool(cert.all()):
+                clock.lap("ms_verify")
+                resolve((~cert).nonzero().squeeze(1), L, toks, nxt, new_score)
+                clock.lap("ms_replay")
+            toks.scatter_(1, L[:, None], nxt[:, None])
+            last, L, score = nxt, L + 1, new_score
+            if cfg.adaptive:
+                cool = (cool - 1).clamp(min=0)
+        else:
+            content = torch.cat([last[:, None], draft[:, :W]], 1)
+            lp = torch.log_softmax(model.logits(verifier.run(content, L)).float(), dim=-1)  # [R, W+1, V]
+            t = L[:, None] + torch.arange(W + 1, device=dev)  # output slot of each query
+            seq = toks.scatter(1, t[:, :W], draft[:, :W]) if cfg.no_repeat_ngram else toks
+            lp = _bans(lp, t, seq, cfg, not_eos, (pad, mask_id, eos))
+            d = content[:, 1:]
+            d_lp = lp[:, :W].gather(-1, d[..., None]).squeeze(-1)  # [R, W]
+            sums = [score]
+            for i in range(W):  # float32 sums in greedy's order: score after slot i
+                sums.append(sums[-1] + d_lp[:, i])
+            S = torch.stack(sums, 1)  # [R, W+1]: score before each slot if the drafts before it are taken
+            best_lp, ar_tok = lp.max(-1)
+            cert = _certified(lp, best_lp, ar_tok, S, tau)
+            ok = (ar_tok[:, :W] == d) & cert[:, :W]
+            if cfg.relaxed_topk:
+                better = (lp[:, :W] > d_lp[..., None]).sum(-1)
+                ok |= (better < cfg.relaxed_topk) & (d_lp >= best_lp[:, :W] - cfg.relaxed_margin) & torch.isfinite(d_lp)
+            ok &= torch.arange(W, device=dev) < w[:, None]
+            acc = ok.long().cumprod(1).sum(1)  # accepted draft tokens per row
+            acc_eos = (acc > 0) & (d.gather(1, (acc - 1).clamp(min=0)[:, None]).squeeze(1) == eos)
+            nxt = ar_tok.gather(1, acc[:, None]).squeeze(1)
+            nxt_ok = cert.gather(1, acc[:, None]).squeeze(1) | acc_eos
+            new_score = S.gather(1, acc[:, None]).squeeze(1)  # the score after the accepted drafts, + the AR token's
+            new_score = torch.where(acc_eos, new_score, new_score + best_lp.gather(1, acc[:, None]).squeeze(1))
+            j = torch.arange(W + 1, device=dev)
+            if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
+                clock.lap("ms_verify")
+                committed = toks.scatter(1, t[:, :W], torch.where(j[None, :W] < acc[:, None], d, pad))
+                resolve((~nxt_ok).nonzero().squeeze(1), L + acc, committed, nxt, new_score)
+                clock.lap("ms_replay")
+            # 3. Commit ``acc`` draft tokens and (unless the draft closed with </s>) the AR's token.
+            n_commit = acc + (~acc_eos).long()
+            commit = torch.where(j[None] < acc[:, None], torch.cat([d, d.new_full((R, 1), pad)], 1), nxt[:, None])
+            toks = toks.scatter(1, t, torch.where(j[None] < n_commit[:, None], commit, toks.gather(1, t)))
+            last = commit.gather(1, (n_commit - 1)[:, None]).squeeze(1)
+            L = L + n_commit
+            score = new_score
+            had = w > 0
+            n_drafted = n_drafted + had.sum()
+            n_accepted = n_accepted + acc.sum()
+            # The draft moves on by what was committed; it goes stale where the AR disagreed.
+            dlen = (dlen - n_commit).clamp(min=0)
+            shift = (ar_slots[None] + n_commit[:, None]).clamp(max=width - 1)
+            draft = draft.gather(1, shift).masked_fill(ar_slots[None] >= dlen[:, None], pad)
+            failed = had & (acc == 0)
+            dlen = dlen.masked_fill(failed, 0)
+            if cfg.adaptive:
+                full = had & (acc == w)
+                win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
+                fresh_fail = had & fresh & (acc < 2)  # a draft pass that saved less than it cost
+                cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
+                pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
+                                    torch.where(had & fresh, cfg.backoff, pause))
+            fresh = torch.zeros_like(fresh)
         done = (last == eos) | (L >= max_len)
         if bool(done.any()):
             fin = done.nonzero().squeeze(1)
@@ -452,7 +480,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
                 if len_logits is not None:
                     len_logits = len_logits[keep]
     clock.lap("ms_verify")
-    st.update(clock.times)
+    st.update(clock.times, drafted_verifications=int(n_drafted), accepted=int(n_accepted))
     st.update(lossless=cfg.lossless, replay_disagreements=sum(r.disagreements for r in replays.values()))
     return out, out_score, combine_stats([st])
 
