@@ -247,7 +247,8 @@ def _agreed_problems(root: str, tag: str) -> list[str]:
     return [p if len(ranks) == everyone else f"{p} (seen by rank {', '.join(map(str, ranks))})" for p, ranks in merged.items()]
 
 
-def resume(engine, root: str, requested: str, world_size: int) -> tuple[str | None, dict, dict]:
+def resume(engine, root: str, requested: str, world_size: int, seed: int = 0,
+           fail_conversion: bool = False) -> tuple[str | None, dict, dict]:
     """Collective: choose, verify and load the checkpoint to resume from. Returns (tag or None, client state,
     info = {"requested", "tag", "fallbacks", "skipped": [{"tag", "problems"}]}).
 
@@ -257,7 +258,9 @@ def resume(engine, root: str, requested: str, world_size: int) -> tuple[str | No
     its COMPLETE record; a damaged one is skipped with a loud warning (auto) -- the previous complete one
     is used, each skip counted in info["fallbacks"] and in ``root/resume_log.jsonl`` -- or refused (an
     explicit tag: no silent substitute). When no complete checkpoint is usable it refuses, naming every
-    problem. A checkpoint written at another world size is refused as before (ZeRO shards)."""
+    problem. A checkpoint written at another world size is converted to DeepSpeed's universal format
+    (once, by rank 0) and loaded at this size (``janus.elastic``; ``seed`` seeds ranks the old run did
+    not have, ``fail_conversion`` is a test hook)."""
     info: dict = {"requested": requested, "tag": None, "fallbacks": 0, "skipped": []}
     if requested == "none":
         return None, {}, info
@@ -298,14 +301,14 @@ def resume(engine, root: str, requested: str, world_size: int) -> tuple[str | No
                                "Restore the files named above, or start over deliberately with --run.resume none "
                                "(ideally with a new --run.save_dir, as the next saves replace these)")
         return None, {}, info
-    saved_world = read_marker(root, chosen).get("world_size", world_size)
-    if saved_world != world_size:
-        raise RuntimeError(
-            f"checkpoint {chosen} was written by {saved_world} ranks, this run has {world_size}. ZeRO optimizer shards "
-            "cannot be loaded at another data-parallel size: convert it with DeepSpeed's ds_to_universal.py and "
-            "load it with \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config, or resume with "
-            f"{saved_world} ranks.")
-    client = load(engine, root, chosen)
+    marker = read_marker(root, chosen)
+    if marker.get("world_size", world_size) != world_size:  # elastic resume: convert once, load at this size
+        from janus.elastic import load_resized
+
+        client = load_resized(engine, root, chosen, marker, seed, fail_midway=fail_conversion)
+        info["elastic"] = client["elastic"]
+    else:
+        client = load(engine, root, chosen)
     info["tag"] = chosen
     if is_rank0():
         with open(os.path.join(root, RESUME_LOG), "a") as f:
@@ -327,6 +330,12 @@ def _prune(root: str, keep_last: int) -> None:
         too_old = keep_last > 0 and t in tags[:-keep_last]
         if stale_incomplete or too_old:
             shutil.rmtree(full, ignore_errors=True)
+    converted = os.path.join(root, "universal")  # elastic-resume conversions (janus.elastic) of removed tags
+    if os.path.isdir(converted):
+        kept = set(complete_tags(root))
+        for name in os.listdir(converted):
+            if name.split(".partial-")[0] not in kept:
+                shutil.rmtree(os.path.join(converted, name), ignore_errors=True)
 
 
 def load(engine, root: str, tag: str) -> dict:

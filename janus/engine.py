@@ -51,6 +51,8 @@ class FaultInjectionConfig:
     inf_grad_at_steps: list[int] = field(default_factory=list, metadata={
         "help": "testing: finite loss but infinite gradients at these steps (an fp16/bf16 overflow)"})
     signal_at_step: int = field(default=0, metadata={"help": "testing: send SIGUSR1 to this process during this step"})
+    crash_in_conversion: bool = field(default=False, metadata={
+        "help": "testing: die inside an elastic-resume conversion, before it counts"})
 
 
 @dataclass
@@ -58,7 +60,8 @@ class RunConfig:
     deepspeed_config: str = field(default="ds_configs/zero2_fp32_cpu.json", metadata={"help": "DeepSpeed JSON"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "per rank; must agree with the DS config"})
     grad_accum: int | None = field(default=None, metadata={"help": "must agree with the DS config"})
-    global_batch_size: int | None = field(default=None, metadata={"help": "micro x accum x world; checked"})
+    global_batch_size: int | None = field(default=None, metadata={
+        "help": "micro x accum x world: checked, or, without grad_accum, it sets the accumulation for any world size"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps in total"})
     save_dir: str = "runs/pretrain"
     save_every: int = 500
@@ -127,6 +130,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def accum_for(global_batch: int, micro: int, world_size: int) -> int:
+    """Gradient accumulation that gives ``global_batch`` samples a step, or a refusal with the arithmetic."""
+    if global_batch % (micro * world_size):
+        options = [m for m in range(1, micro + 1) if global_batch % (m * world_size) == 0]
+        raise ValueError(f"global batch {global_batch} is not a multiple of micro-batch {micro} x {world_size} ranks "
+                         f"= {micro * world_size}: no whole number of accumulation steps fits"
+                         + (f" (micro-batch sizes that fit: {options})" if options else
+                            f" ({world_size} ranks cannot share {global_batch} samples evenly)"))
+    return global_batch // (micro * world_size)
+
+
 def resolve_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict:
     """Load the DeepSpeed JSON and check it agrees with the run config (clear errors otherwise)."""
     try:
@@ -152,9 +166,13 @@ def resolve_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> di
         return ours if ours is not None else theirs
 
     micro = agree("micro_batch_size", run.micro_batch_size, "train_micro_batch_size_per_gpu")
-    accum = agree("grad_accum", run.grad_accum, "gradient_accumulation_steps") or 1
+    accum = agree("grad_accum", run.grad_accum, "gradient_accumulation_steps")
     if micro is None:
         raise ValueError("set run.micro_batch_size or train_micro_batch_size_per_gpu in the DeepSpeed config")
+    wanted = run.global_batch_size if run.global_batch_size is not None else ds.get("train_batch_size")
+    if accum is None and wanted is not None:  # the global batch is the anchor: accumulation fits the world size
+        accum = accum_for(wanted, micro, world_size)
+    accum = accum or 1
     global_batch = micro * accum * world_size
     for name, value in (("global_batch_size", run.global_batch_size), ("train_batch_size", ds.get("train_batch_size"))):
         if value is not None and value != global_batch:
@@ -297,7 +315,9 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
     root = os.path.join(run.save_dir, "checkpoints")
     step, nonfinite = 0, 0
     # Rank 0 chooses (broadcast), every rank verifies; damaged checkpoints fall back loudly (resume_info).
-    tag, client, resume_info = checkpoint.resume(engine, root, run.resume, world)
+    tag, client, resume_info = checkpoint.resume(engine, root, run.resume, world, seed=run.seed,
+                                                 fail_conversion=run.faults.crash_in_conversion)
+    accum = engine.gradient_accumulation_steps()  # an elastic resume keeps the saved global batch
     if tag:
         step, nonfinite = client["step"], client.get("nonfinite", 0)
         loader.load_state_dict(client["loader"])
@@ -434,7 +454,9 @@ def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, lo
             tracker.log_eval(step, results)
         if step % run.save_every == 0 or step == run.max_steps or stop:
             client = {"step": step, "nonfinite": nonfinite, "skipped_steps": skipped_steps,
-                      "loader": loader.state_dict(), "summary": {"world_size": world}}
+                      "loader": loader.state_dict(), "summary": {
+                          "world_size": world, "global_batch": engine.train_batch_size(),
+                          "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": accum}}
             checkpoint.save(engine, root, step, client, model_meta, run.keep_last,
                             fail_midway=run.faults.crash_in_save_at_step == step)
         if run.faults.crash_at_step == step:

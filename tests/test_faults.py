@@ -441,12 +441,22 @@ def test_requested_tag_must_exist_and_be_intact(group, tmp_path):
     assert checkpoint.resume(FakeEngine(), str(root), "none", 1)[0] is None
 
 
-def test_resume_keeps_the_world_size_check(group, tmp_path):
+def test_resume_at_another_world_size_refuses_a_global_batch_that_cannot_fit(group, tmp_path):
+    """Elastic resume (tests/test_elastic.py) keeps the saved global batch; when micro-batch x ranks cannot
+    divide it, it refuses with the arithmetic before converting anything."""
     root = tmp_path / "ckpt"
-    _save(root, 2, world=2)
+    client = {"step": 2, "nonfinite": 0, "loader": {"consumed_samples": 2},
+              "summary": {"world_size": 2, "global_batch": 6}}
+    checkpoint.save(FakeEngine(), str(root), 2, client, {"bart_config": {}, "janus": {}}, keep_last=0)
     shutil.copy(root / "step_00000002" / "rng_rank0.pt", root / "step_00000002" / "rng_rank1.pt")
-    with pytest.raises(RuntimeError, match="universal"):
-        checkpoint.resume(FakeEngine(), str(root), "auto", 1)
+
+    class Sized(FakeEngine):
+        def train_micro_batch_size_per_gpu(self):
+            return 4
+
+    with pytest.raises(ValueError, match=r"global batch 6 is not a multiple of micro-batch 4 x 1 ranks = 4"):
+        checkpoint.resume(Sized(), str(root), "auto", 1)
+    assert not (root / "universal").exists()  # refused before any conversion
 
 
 def test_legacy_complete_marker_without_file_list_still_resumes(group, tmp_path):
