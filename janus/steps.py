@@ -61,12 +61,9 @@ class JanusLoss:
         host = host if host is not None else self.host_counts({k: v.cpu() if torch.is_tensor(v) else v
                                                                 for k, v in batch.items()})
         kwargs = self.extra_kwargs(engine) if self.extra_kwargs is not None else {}
-        import inspect  # TEMPORARY until forward takes host_counts
-        mod = getattr(engine, "module", engine)
-        if "host_counts" in inspect.signature(mod.forward).parameters:
-            kwargs["host_counts"] = {k: host[k] for k in ("n_tokens", "n_masked", "num_masked_max")}
         out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("decoder_mask"),
-                     objective=self.objective, length_targets=batch.get("length_targets"), **kwargs)
+                     objective=self.objective, length_targets=batch.get("length_targets"),
+                     host_counts={k: host[k] for k in ("n_tokens", "n_masked", "num_masked_max")}, **kwargs)
         scalars = {k: v for k, v in out.losses.items() if k != "total" and not k.startswith("n_")}
         scalars["total"] = out.loss
         return out.loss, scalars
@@ -75,12 +72,12 @@ class JanusLoss:
         """Training FLOPs (forward + backward) of one micro-batch, from host counts."""
         if self.model_config is None:
             return 0.0
-        try:  # TEMPORARY
-            from janus.flops import janus_step_flops
-        except ImportError:
-            return 0.0
+        from janus.flops import janus_step_flops
 
-        return janus_step_flops(self.model_config, host, self.flop_patterns)
+        return janus_step_flops(self.model_config, patterns=self.flop_patterns, batch_size=host["n_samples"],
+                                src_tokens=host["n_src"], src_len=host["n_src_width"],
+                                tgt_len=host["n_target_width"], n_tokens=host["n_tokens"],
+                                n_masked=host["n_masked"], num_masked_max=host["num_masked_max"])
 
 
 def full_precision_copy(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
