@@ -49,10 +49,11 @@ from data_pipeline.loader import ResumableLoader
 from finetune.data import DECODER_MASKERS, PairBatches, fingerprint, read_pair, tokenize
 from finetune.evaluation import decode_gathered
 from janus import checkpoint
+from janus.export import export as export_checkpoint
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
 from janus.distributed import barrier, device, init_distributed, is_rank0, print0, shutdown_distributed
-from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
+from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import nmt_bleu, repetition_ratio
 from janus.model import JanusBart
 from janus.multitask_nat import MultiTaskNAT, importance_lambda
@@ -341,7 +342,7 @@ def main(argv=None) -> dict:
     root = os.path.join(cfg.run.save_dir, "checkpoints")
     k = max(1, min(cfg.eval.average, len(checkpoint.complete_tags(root))))
     if is_rank0():
-        info = checkpoint.export(cfg.run.save_dir, final, average=k if k > 1 else 0)
+        info = export_checkpoint(cfg.run.save_dir, final, average=k if k > 1 else 0)
         results["averaged_checkpoints"] = info["tags"]
         print0(f"averaged {len(info['tags'])} checkpoint(s) {info['tags'][0]}..{info['tags'][-1]} -> {final}")
     barrier()

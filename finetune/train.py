@@ -33,7 +33,7 @@ from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split,
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
 from janus.distributed import init_distributed, is_rank0, print0, shutdown_distributed
-from janus.engine import OptimConfig, RunConfig, resolve_ds_config, train
+from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import evaluate as score_task
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig

@@ -66,3 +66,21 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (picklable objects; a no-op without a multi-rank group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, obj)
+        return views
+    return [obj]

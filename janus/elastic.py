@@ -16,7 +16,7 @@ midway leaves the original usable and is simply redone at the next start.
 What carries over: weights, Adam moments, the LR-schedule position, the step and skip counters,
 the data position (a global sample count: the next global batch is the one the old run would
 have used) and the global batch size (the gradient accumulation is recomputed for the new world
-size; ``janus.engine.accum_for`` refuses with the arithmetic when it cannot fit). RNG: rank r
+size; ``janus.trainer.accum_for`` refuses with the arithmetic when it cannot fit). RNG: rank r
 restores the RNG state rank r saved when the old run had such a rank; every other rank seeds
 torch, NumPy and Python from (run seed, step, rank) — see ``fresh_rank_seed``. Which samples a
 rank sees changes with the world size anyway, so dropout masks (and hence losses, by a little)
@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from janus.distributed import barrier, is_rank0, print0
+from janus.distributed import barrier, broadcast_object, is_rank0, print0
 
 UNIVERSAL = "universal"
 
@@ -78,14 +78,6 @@ def convert(root: str, tag: str, workers: int = 4, fail_midway: bool = False) ->
     return {"path": final, "seconds": seconds, "reused": False}
 
 
-def _broadcast(obj):
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
 def fresh_rank_seed(seed: int, step: int, rank: int) -> int:
     """Seed of a rank that has no saved RNG state (it did not exist in the old run)."""
     return (seed * 1_000_003 + step * 10_007 + rank) % (2**63)
@@ -121,7 +113,7 @@ def load_resized(engine, root: str, tag: str, marker: dict, seed: int, fail_midw
     and keep the saved global batch. ``marker`` is the checkpoint's COMPLETE record. Returns the client
     state with "elastic" = what was done."""
     from janus.checkpoint import set_rng_state
-    from janus.engine import accum_for
+    from janus.trainer import accum_for
 
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     saved_world = int(marker["world_size"])
@@ -136,7 +128,7 @@ def load_resized(engine, root: str, tag: str, marker: dict, seed: int, fail_midw
             result = convert(root, tag, fail_midway=fail_midway)
         except Exception as err:  # every rank must learn of it, not wait forever
             result = {"error": str(err)}
-    result = _broadcast(result)
+    result = broadcast_object(result)
     if "error" in result:
         raise RuntimeError(result["error"])
     barrier()

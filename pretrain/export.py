@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from janus.checkpoint import export  # the export logic lives in the core (finetune/NMT share it)
+from janus.export import export  # the export logic lives in the core (finetune/NMT share it)
 
 __all__ = ["export", "main"]
 

@@ -10,7 +10,7 @@ from conftest import tiny_bart_config
 from e2e import WORDS, read_metrics, torchrun
 from finetune.data import DataFormatError, poisson_span_mask
 from finetune.nmt import NMTConfig, NMTDataConfig, NMTModelConfig, load_bpe, read_parallel, train_joint_bpe
-from janus.checkpoint import model_from_state
+from janus.export import model_from_state
 from janus.decoding import MaskPredictConfig, mask_predict
 from janus.model import JanusBart
 from janus.multitask_nat import MultiTaskNAT, importance_lambda

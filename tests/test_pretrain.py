@@ -6,7 +6,7 @@ import torch
 from transformers import BartForConditionalGeneration
 
 from e2e import build_shards, read_metrics, torchrun
-from janus.engine import OptimConfig, RunConfig, resolve_ds_config
+from janus.trainer import OptimConfig, RunConfig, resolve_ds_config
 from pretrain.train import ModelConfig, build_model
 
 CONFIG = "pretrain/configs/tiny_cpu.json"
