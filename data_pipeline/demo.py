@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .sources import DataError, Document, Skips
+from .records import DataError, Document, Skips
 from .wiki import wiki_articles
 
 GENSIM = "gensim==4.4.0"

@@ -5,7 +5,10 @@ import json
 import os
 from pathlib import Path
 
+from .records import DataError
+
 MANIFEST_FILE = "manifest.json"
+TOKEN_CLASSES_FILE = "token_classes.npy"  # uint8 class per token id (word start / sentence end)
 FORMAT = "bart-janus-blocks/1"
 
 
@@ -33,7 +36,6 @@ def read_manifest(shards_dir: str | Path, check_files: bool = True) -> dict:
 
 def presence_problems(shards_dir: str | Path, manifest: dict) -> list[str]:
     from .shards import file_problems
-    from .vocab import TOKEN_CLASSES_FILE
 
     shards_dir = Path(shards_dir)
     problems = file_problems(shards_dir, manifest)
@@ -45,8 +47,6 @@ def presence_problems(shards_dir: str | Path, manifest: dict) -> list[str]:
 
 def raise_problems(shards_dir: str | Path, problems: list[str]) -> None:
     """One DataError naming every problem (at most 10 lines) and the fix."""
-    from .sources import DataError
-
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise DataError(f"{shards_dir}: the shards do not match manifest.json:\n  " + "\n  ".join(problems[:10]) + more

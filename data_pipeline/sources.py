@@ -7,20 +7,14 @@ Bad units are either a `DataError` (strict mode) or a counted skip with examples
 from __future__ import annotations
 
 import json
-import sys
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .records import DataError, Document, Skips  # noqa: F401  (DataError/Skips re-exported for callers)
 
 FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".arrow")
 HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-SKIP_EXAMPLES = 20  # locations kept per skip reason in the manifest
-SKIP_WARNINGS = 5  # skips printed per reason before going quiet
-
-
-class DataError(ValueError):
-    """Bad input, with its location in the message."""
 
 
 @dataclass(frozen=True)
@@ -48,33 +42,6 @@ class SourceSpec:
         if made.weight < 0 or made.doc_sep not in ("blank", "line"):
             raise DataError(f"source {spec!r}: weight must be >= 0 and doc_sep blank|line")
         return made
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    where: str
-
-
-@dataclass
-class Skips:
-    """Counted skips by reason, with the first locations of each; raises instead when strict."""
-
-    strict: bool = False
-    verbose: bool = True  # print the first few skips of each reason to stderr
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        message = f"{where}: {reason}" + (f": {detail}" if detail else "")
-        if self.strict:
-            raise DataError(message + " (strict mode; drop --strict to skip and count such input)")
-        self.counts[reason] += 1
-        seen = self.examples.setdefault(reason, [])
-        if len(seen) < SKIP_EXAMPLES:
-            seen.append(message)
-        if self.verbose and self.counts[reason] <= SKIP_WARNINGS:
-            print(f"skipped {message}", file=sys.stderr)
 
 
 def check_source(spec: SourceSpec) -> None:

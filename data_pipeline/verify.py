@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from .manifest import MANIFEST_FILE, presence_problems, raise_problems, read_manifest, REBUILD_HINT
 from .shards import file_sha256, index_problems, shard_files, token_dtype
-from .sources import DataError
 from .tokenizer import tokenizer_problems
 from .vocab import TOKEN_CLASSES_FILE
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import read_manifest
+from .manifest import TOKEN_CLASSES_FILE, read_manifest  # noqa: F401  (re-exported)
 
-TOKEN_CLASSES_FILE = "token_classes.npy"
 WORD_START, SENTENCE_END = 1, 2  # bit flags in token_classes.npy
 
 

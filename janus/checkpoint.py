@@ -24,16 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import time
 
-import numpy as np
 import torch
 
 from janus.distributed import all_gather_objects, barrier, broadcast_object, is_rank0
+from janus.rng import rng_state, set_rng_state  # noqa: F401  (part of this module's API)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
@@ -66,28 +65,6 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():  # this rank's device only: the other visible devices belong to other ranks
-        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible device's state
-            cuda = cuda[device] if device < len(cuda) else cuda[0]
-        torch.cuda.set_rng_state(cuda, device)
 
 
 def save(engine, root: str, step: int, client_state: dict, model_meta: dict, keep_last: int,

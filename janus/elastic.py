@@ -16,7 +16,7 @@ midway leaves the original usable and is simply redone at the next start.
 What carries over: weights, Adam moments, the LR-schedule position, the step and skip counters,
 the data position (a global sample count: the next global batch is the one the old run would
 have used) and the global batch size (the gradient accumulation is recomputed for the new world
-size; ``janus.trainer.accum_for`` refuses with the arithmetic when it cannot fit). RNG: rank r
+size; ``janus.steps.accum_for`` refuses with the arithmetic when it cannot fit). RNG: rank r
 restores the RNG state rank r saved when the old run had such a rank; every other rank seeds
 torch, NumPy and Python from (run seed, step, rank) — see ``fresh_rank_seed``. Which samples a
 rank sees changes with the world size anyway, so dropout masks (and hence losses, by a little)
@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from janus.distributed import barrier, broadcast_object, is_rank0, print0
+from janus.rng import set_rng_state
+from janus.steps import accum_for
 
 UNIVERSAL = "universal"
 
@@ -112,9 +114,6 @@ def load_resized(engine, root: str, tag: str, marker: dict, seed: int, fail_midw
     """Collective: convert (rank 0, others wait), load the universal checkpoint, restore or seed the RNG
     and keep the saved global batch. ``marker`` is the checkpoint's COMPLETE record. Returns the client
     state with "elastic" = what was done."""
-    from janus.checkpoint import set_rng_state
-    from janus.trainer import accum_for
-
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     saved_world = int(marker["world_size"])
     micro = engine.train_micro_batch_size_per_gpu()

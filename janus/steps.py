@@ -26,6 +26,17 @@ def epochs_to_steps(epochs: float, num_samples: int, global_batch: int) -> int:
     return max(1, math.ceil(epochs * num_samples / global_batch))
 
 
+def accum_for(global_batch: int, micro: int, world_size: int) -> int:
+    """Gradient accumulation that gives ``global_batch`` samples a step, or a refusal with the arithmetic."""
+    if global_batch % (micro * world_size):
+        options = [m for m in range(1, micro + 1) if global_batch % (m * world_size) == 0]
+        raise ValueError(f"global batch {global_batch} is not a multiple of micro-batch {micro} x {world_size} ranks "
+                         f"= {micro * world_size}: no whole number of accumulation steps fits"
+                         + (f" (micro-batch sizes that fit: {options})" if options else
+                            f" ({world_size} ranks cannot share {global_batch} samples evenly)"))
+    return global_batch // (micro * world_size)
+
+
 class JanusLoss:
     """``loss(engine, batch, host) -> (loss, {name: device scalar})`` for a JANUS objective.
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from janus import checkpoint
 from janus.distributed import device, is_rank0, print0
-from janus.steps import full_precision_copy
+from janus.steps import accum_for, full_precision_copy
 
 
 @dataclass
@@ -128,17 +128,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def accum_for(global_batch: int, micro: int, world_size: int) -> int:
-    """Gradient accumulation that gives ``global_batch`` samples a step, or a refusal with the arithmetic."""
-    if global_batch % (micro * world_size):
-        options = [m for m in range(1, micro + 1) if global_batch % (m * world_size) == 0]
-        raise ValueError(f"global batch {global_batch} is not a multiple of micro-batch {micro} x {world_size} ranks "
-                         f"= {micro * world_size}: no whole number of accumulation steps fits"
-                         + (f" (micro-batch sizes that fit: {options})" if options else
-                            f" ({world_size} ranks cannot share {global_batch} samples evenly)"))
-    return global_batch // (micro * world_size)
 
 
 def resolve_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict:

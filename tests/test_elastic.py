@@ -130,7 +130,7 @@ def test_a_conversion_killed_midway_is_redone_and_the_original_stays_usable(shar
 
 
 def test_a_global_batch_that_cannot_fit_is_refused_with_the_arithmetic():
-    from janus.trainer import accum_for
+    from janus.steps import accum_for
 
     assert accum_for(1024, 16, 8) == 8 and accum_for(1024, 16, 32) == 2
     with pytest.raises(ValueError, match=r"global batch 8 is not a multiple of micro-batch 4 x 3 ranks = 12"):
