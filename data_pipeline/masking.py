@@ -7,7 +7,7 @@ configured ones (the reference code lets spans overlap and count zero-length spa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,14 +27,18 @@ class MaskingConfig:
     decoder_ratio/decoder_lambda/permute_sentences are not used there (spans are shared, so the
     encoder keeps the original sentence order)."""
 
-    preset: str = "paper"
-    encoder_ratio: float = 0.3  # share of block tokens hidden from the encoder
-    encoder_lambda: float = 3.0  # Poisson mean span length, as BART
-    decoder_ratio: float = 0.5  # share of block tokens replaced by <mask> in the decoder input
-    decoder_lambda: float = 2.0  # paper: lambda = 2 for the NAR spans
-    random_token_prob: float = 0.1  # a collapsed encoder span becomes a random token instead of <mask>
-    permute_sentences: bool = True  # BART shuffles sentence order in the encoder input
-    whole_word: bool = True  # encoder spans cover whole words (BART); decoder spans are token-level
+    preset: str = field(default="paper", metadata={
+        "help": "paper: separate encoder/decoder spans | reference: shared spans, coin-flipped", "choices": PRESETS})
+    encoder_ratio: float = field(default=0.3, metadata={"help": "share of block tokens hidden from the encoder"})
+    encoder_lambda: float = field(default=3.0, metadata={"help": "Poisson mean encoder span length (BART: 3)"})
+    decoder_ratio: float = field(default=0.5, metadata={
+        "help": "share of block tokens replaced by <mask> in the decoder input"})
+    decoder_lambda: float = field(default=2.0, metadata={"help": "Poisson mean decoder span length (paper: 2)"})
+    random_token_prob: float = field(default=0.1, metadata={
+        "help": "a collapsed encoder span becomes a random token instead of <mask>"})
+    permute_sentences: bool = field(default=True, metadata={"help": "shuffle sentence order in the encoder input (BART)"})
+    whole_word: bool = field(default=True, metadata={
+        "help": "encoder spans cover whole words (BART); false: tokens. Decoder spans are token-level"})
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

@@ -8,7 +8,9 @@ from dataclasses import asdict
 import numpy as np
 
 from .manifest import read_manifest
-from .masking import PRESETS, MaskingConfig, mask_sample
+from janus.config import add_dataclass_flags, dataclass_from_flags
+
+from .masking import MaskingConfig, mask_sample
 from .sampling import epoch_permutation
 from .shards import ShardReader
 from .vocab import VocabInfo
@@ -47,7 +49,6 @@ def measure(shards_dir: str, cfg: MaskingConfig, samples: int, seed: int, epoch:
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = MaskingConfig()
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.stats",
                                      description="Apply the on-the-fly masking to blocks of a shards folder and print one JSON line: "
                                                  "effective encoder/decoder mask ratios (masked / content tokens, <s> </s> excluded), "
@@ -56,20 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10000, help="blocks to mask (default 10000; capped at the number of blocks)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (DataConfig.seed)")
     parser.add_argument("--epoch", type=int, default=0, help="epoch whose permutation and noise are measured")
-    parser.add_argument("--preset", choices=PRESETS, default=defaults.preset, help="paper: separate spans; reference: shared, coin-flipped")
-    # Masking options mirror MaskingConfig fields; defaults are the paper preset's.
-    parser.add_argument("--encoder-ratio", type=float, default=defaults.encoder_ratio)
-    parser.add_argument("--encoder-lambda", type=float, default=defaults.encoder_lambda)
-    parser.add_argument("--decoder-ratio", type=float, default=defaults.decoder_ratio)
-    parser.add_argument("--decoder-lambda", type=float, default=defaults.decoder_lambda)
-    parser.add_argument("--random-token-prob", type=float, default=defaults.random_token_prob)
-    parser.add_argument("--no-permute-sentences", action="store_true", help="keep sentence order in the encoder input")
-    parser.add_argument("--token-level", action="store_true", help="encoder spans over tokens instead of whole words")
+    # One flag per MaskingConfig field, generated from the dataclass (a new field cannot be forgotten).
+    add_dataclass_flags(parser, MaskingConfig, group=parser.add_argument_group("masking (MaskingConfig)"))
     args = parser.parse_args(argv)
-    cfg = MaskingConfig(preset=args.preset, encoder_ratio=args.encoder_ratio, encoder_lambda=args.encoder_lambda,
-                        decoder_ratio=args.decoder_ratio, decoder_lambda=args.decoder_lambda,
-                        random_token_prob=args.random_token_prob, permute_sentences=not args.no_permute_sentences,
-                        whole_word=not args.token_level)
+    cfg = dataclass_from_flags(MaskingConfig, args)
     print(json.dumps(measure(args.shards, cfg, args.samples, args.seed, args.epoch)))
 
 
