@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 # install torch into .venv yourself before running make (an installed torch is kept).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast gpu-check system-packages clean
+.PHONY: venv demo test test-fast lint gpu-check system-packages clean
 
 venv: $(STAMP)
 
@@ -27,7 +27,10 @@ demo: venv
 system-packages:
 	bash tests/install_system_packages.sh
 
-test: venv system-packages
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv system-packages lint
 	$(BIN)/python -m pytest -q tests
 
 test-fast: venv

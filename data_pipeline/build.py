@@ -271,7 +271,8 @@ def _encode_chunk(task: tuple) -> tuple:
     encodings = _WORKER["tok"].encode_batch([text for _, _, text in docs], add_special_tokens=False)
     blocks, doc_ids, n_split = [], [], 0
     for (first_id, copies, _), enc in zip(docs, encodings):
-        pieces = pack_document(np.asarray(enc.ids, dtype=np.int64), _WORKER["block_size"], _WORKER["sentence_end"], _WORKER["bos"], _WORKER["eos"])
+        pieces = pack_document(np.asarray(enc.ids, dtype=np.int64), _WORKER["block_size"], _WORKER["sentence_end"],
+                               _WORKER["bos"], _WORKER["eos"])
         n_split += copies * (len(pieces) > 1)
         for copy in range(copies):
             blocks.extend(pieces)

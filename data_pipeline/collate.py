@@ -17,7 +17,8 @@ def pad_batch(seqs: Sequence[np.ndarray], pad_value: int | bool, dtype: type) ->
     return out, valid
 
 
-def collate(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], decoder_masks: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], decoder_masks: Sequence[np.ndarray],
+            pad_id: int) -> dict[str, torch.Tensor]:
     """Batch dict for JanusBart.forward: input_ids/attention_mask [B,S], labels/decoder_mask [B,N]."""
     source, source_valid = pad_batch(input_ids, pad_id, np.int64)
     target, _ = pad_batch(labels, pad_id, np.int64)

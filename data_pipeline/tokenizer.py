@@ -41,7 +41,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"], **{"<mask>": len(model["vocab"])})
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return BartTokenizerFast(vocab=vocab, merges=merges, mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True))
+    mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
+    return BartTokenizerFast(vocab=vocab, merges=merges, mask_token=mask)
 
 
 # Files a saved HF tokenizer may consist of (what is copied into checkpoints and exports; never

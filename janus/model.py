@@ -286,7 +286,8 @@ class JanusBart(nn.Module):
         return self.lm_head(hidden) + self.final_logits_bias.to(hidden.dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                decoder_mask: torch.Tensor | None = None, *, objective: ObjectiveConfig | None = None, streams: DecoderStreams | None = None,
+                decoder_mask: torch.Tensor | None = None, *, objective: ObjectiveConfig | None = None,
+                streams: DecoderStreams | None = None,
                 patterns: tuple[str, ...] | None = None, length_targets: torch.Tensor | None = None,
                 encoder_out: torch.Tensor | None = None, host_counts: dict | None = None) -> JanusOutput:
         """One encoder pass, one decoder pass for every requested pattern.

@@ -87,7 +87,8 @@ def test_existing_build_needs_overwrite(tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         build_tiny(tmp_path / "out", [source])
     manifest = build_tiny(tmp_path / "out", [source], overwrite=True)  # one big shard replaces many small ones
-    assert sorted(p.name for p in (tmp_path / "out").glob("shard_*.bin")) == ["shard_00000.bin"] == [s["name"] + ".bin" for s in manifest["shards"]]
+    names = sorted(p.name for p in (tmp_path / "out").glob("shard_*.bin"))
+    assert names == ["shard_00000.bin"] == [s["name"] + ".bin" for s in manifest["shards"]]
 
 
 @pytest.mark.parametrize("as_dict", [False, True])

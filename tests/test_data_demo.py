@@ -18,7 +18,8 @@ def test_demo_build_and_stats(tmp_path):
     out = tmp_path / "demo"
     start = time.perf_counter()
     built = subprocess.run([sys.executable, "-m", "data_pipeline.build", "--demo", "--out", str(out), "--workers", "2",
-                            "--cache-dir", str(default_cache_dir()), "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                            "--cache-dir", str(default_cache_dir()), "--no-progress"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
     seconds = time.perf_counter() - start
     assert built.returncode == 0, built.stderr
     manifest = read_manifest(out)

@@ -102,7 +102,7 @@ def test_dropout_on_the_loss_curve_stays_continuous(shards, tmp_path):
     full = tmp_path / "full"
     pretrain(shards, full, 2, 2, dropout="0.1")
     moved = tmp_path / "moved"
-    resumed = kill_and_resume(shards, moved, 2, 1, 2, dropout="0.1")
+    kill_and_resume(shards, moved, 2, 1, 2, dropout="0.1")
     a, b = read_metrics(full), read_metrics(moved)
     first = a[1]["loss/total"]
     for step in range(5, 9):  # no jump back toward the initial loss

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
 from data_pipeline.sources import DataError
-from e2e import REPO, launch_env, torchrun
+from e2e import REPO, torchrun
 from janus import checkpoint
 from test_data_helpers import build_tiny, make_docs, write_jsonl
 
