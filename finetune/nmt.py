@@ -198,7 +198,7 @@ def split_paths(cfg: NMTDataConfig, split: str) -> tuple[str, str]:
 
 def read_parallel(cfg: NMTDataConfig, split: str) -> tuple[list[str], list[str]]:
     """Line-aligned source/target files; mismatched line counts name both files."""
-    return read_pair(*split_paths(cfg, split), forbid_empty=split == "train")
+    return read_pair(*split_paths(cfg, split), forbid_empty=True)  # an empty line is an error in every split
 
 
 def train_joint_bpe(src: list[str], tgt: list[str], vocab_size: int, out_dir: str):

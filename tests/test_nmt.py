@@ -64,6 +64,9 @@ def test_parallel_data_errors_name_the_files(tmp_path):
     (tmp_path / "valid.en").write_text("good\nbad\n")
     with pytest.raises(DataFormatError, match=r"valid\.de:2: invalid UTF-8"):
         read_parallel(cfg, "valid")
+    (tmp_path / "valid.de").write_text("gut\n\n")  # empty lines are errors in every split, not only train
+    with pytest.raises(DataFormatError, match=r"valid\.de:2: empty line"):
+        read_parallel(cfg, "valid")
 
 
 def test_config_errors_are_clear():
