@@ -76,12 +76,18 @@ def mask_sample(block: np.ndarray, cfg: MaskingConfig, vocab: VocabInfo, *, seed
         starts, lengths = _sample_spans(enc_rng, len(unit_len), cfg.encoder_ratio, cfg.encoder_lambda)
         enc_mask = np.repeat(_runs_to_mask(len(unit_len), starts, lengths), unit_len)
         dec_rng = np.random.default_rng([seed, epoch, index, _DECODER_STREAM])
-        starts, lengths = _sample_spans(dec_rng, len(content), cfg.decoder_ratio, cfg.decoder_lambda)
-        dec_mask = _runs_to_mask(len(content), starts, lengths)
+        dec_mask = span_mask(dec_rng, len(content), cfg.decoder_ratio, cfg.decoder_lambda)
     input_ids = _collapse(enc_rng, content, enc_mask, cfg.random_token_prob, vocab)
     decoder_mask = np.zeros(len(content) + 2, dtype=bool)
     decoder_mask[1:-1] = dec_mask
     return MaskedSample(input_ids=input_ids, decoder_mask=decoder_mask, encoder_mask=enc_mask)
+
+
+def span_mask(rng: np.random.Generator, n: int, ratio: float, lam: float) -> np.ndarray:
+    """Bool [n]: Poisson(lam) spans (>= 1) covering round(ratio * n) positions (rounded stochastically),
+    non-overlapping and non-adjacent -- the decoder masking of pretraining, also used by the
+    training-step benchmark to build pretraining-like batches."""
+    return _runs_to_mask(n, *_sample_spans(rng, n, ratio, lam))
 
 
 def _unit_lengths(content: np.ndarray, vocab: VocabInfo, whole_word: bool) -> np.ndarray:
