@@ -7,9 +7,9 @@ from dataclasses import asdict
 
 import numpy as np
 
-from .manifest import read_manifest
 from janus.config import add_dataclass_flags, dataclass_from_flags
 
+from .manifest import read_manifest
 from .masking import MaskingConfig, mask_sample
 from .sampling import epoch_permutation
 from .shards import ShardReader

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import MANIFEST_FILE, presence_problems, raise_problems, read_manifest, REBUILD_HINT
+from .manifest import MANIFEST_FILE, REBUILD_HINT, presence_problems, raise_problems, read_manifest
 from .shards import file_sha256, index_problems, shard_files, token_dtype
 from .tokenizer import tokenizer_problems
 from .vocab import TOKEN_CLASSES_FILE

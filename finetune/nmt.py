@@ -49,16 +49,16 @@ from data_pipeline.loader import ResumableLoader
 from finetune.data import DECODER_MASKERS, PairBatches, fingerprint, read_pair, tokenize
 from finetune.evaluation import decode_gathered
 from janus import checkpoint
-from janus.export import export as export_checkpoint
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
 from janus.distributed import barrier, device, init_distributed, is_rank0, print0, shutdown_distributed
-from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
+from janus.export import export as export_checkpoint
 from janus.metrics import nmt_bleu, repetition_ratio
 from janus.model import JanusBart
 from janus.multitask_nat import MultiTaskNAT, importance_lambda
 from janus.objectives import ObjectiveConfig
 from janus.steps import JanusLoss, epochs_to_steps
+from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 
 # layers (encoder = decoder), d_model, FFN, heads, dropout, attention dropout, weight decay.
 ARCHS: dict[str, dict] = {

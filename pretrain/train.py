@@ -26,10 +26,10 @@ from transformers import BartConfig
 from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.distributed import init_distributed, print0, shutdown_distributed
-from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.model import JanusBart
-from janus.steps import JanusLoss, epochs_to_steps
 from janus.objectives import ObjectiveConfig
+from janus.steps import JanusLoss, epochs_to_steps
+from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 
 
 @dataclass

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from benchmarks.ablation import SYSTEMS, extract_pairs, write_splits
+
 from e2e import REPO, WORDS, launch_env
 
 DICT = """# Version :: devel

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from data_pipeline.sources import DataError, Skips
 from data_pipeline.wiki import strip_markup, wiki_articles
+
 from test_data_helpers import build_tiny, make_docs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

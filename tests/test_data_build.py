@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, BartTokenizerFast
 
 from data_pipeline.loader import read_manifest
 from data_pipeline.shards import ShardReader
+
 from test_data_helpers import build_tiny, make_docs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

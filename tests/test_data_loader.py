@@ -4,6 +4,7 @@ import torch
 
 from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
 from data_pipeline.shards import ShardReader
+
 from test_data_helpers import build_tiny, make_docs, write_jsonl
 
 MB = 4  # micro-batch size

@@ -60,8 +60,9 @@ def test_resume_at_another_world_size_continues_the_same_run(shards, tmp_path, s
     converted = moved / "checkpoints" / "universal" / "step_00000004"
     assert (converted / "COMPLETE").exists()
     # Tied embeddings survive the conversion: the export checks shared == encoder/decoder embeddings == lm_head.
-    from pretrain.export import export
     from transformers import BartForConditionalGeneration
+
+    from pretrain.export import export
 
     out = tmp_path / "hf"
     export(str(moved), str(out))

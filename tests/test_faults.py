@@ -18,8 +18,9 @@ import torch
 
 from data_pipeline.loader import DataConfig, build_pretrain_loader, read_manifest
 from data_pipeline.sources import DataError
-from e2e import REPO, torchrun
 from janus import checkpoint
+
+from e2e import REPO, torchrun
 from test_data_helpers import build_tiny, make_docs, write_jsonl
 
 PAD, VOCAB = 1, 400

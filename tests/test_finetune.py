@@ -6,9 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from e2e import REPO, launch_env, make_base_model, torchrun, write_copy_task
 from finetune.data import DataFormatError, cmlm_mask, read_split
 from janus.model import JanusBart
+
+from e2e import REPO, launch_env, make_base_model, torchrun, write_copy_task
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e import build_shards  # noqa: E402
 from janus.config import _leaf_fields  # noqa: E402
 from janus.objectives import KL_TERMS, PRESETS, ObjectiveConfig  # noqa: E402
+
+from e2e import build_shards  # noqa: E402
 
 # Fields whose values are constrained: a valid non-default choice for each.
 CHOICES = {

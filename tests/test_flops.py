@@ -4,10 +4,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import BartConfig, BartForConditionalGeneration
 
-from conftest import tiny_bart_config
 from janus.flops import PEAK_TFLOPS, bart_step_flops, janus_step_flops, peak_tflops_for
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
+
+from conftest import tiny_bart_config
 
 
 def _config(**kw):

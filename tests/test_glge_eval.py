@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune.glge_eval import read_aligned, read_lines
-from janus.metrics import (coco_qg, coqa_f1, dialog_bleu, distinct, evaluate, nmt_bleu,
-                           repetition_ratio, rouge_summary)
+from janus.metrics import coco_qg, coqa_f1, dialog_bleu, distinct, evaluate, nmt_bleu, repetition_ratio, rouge_summary
 
 REPO = Path(__file__).resolve().parents[1]
 

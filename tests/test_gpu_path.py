@@ -84,6 +84,7 @@ def test_finetune_step_path_and_dev_decoding_name_every_device(base_model, tmp_p
 
 def test_nmt_step_path_names_every_device(tmp_path, monkeypatch):
     import finetune.nmt as entry
+
     from test_nmt import write_parallel  # the NMT tests' tiny parallel corpus
 
     guarded_train(monkeypatch, entry)
@@ -100,11 +101,12 @@ def test_nmt_step_path_names_every_device(tmp_path, monkeypatch):
 def test_loss_step_makes_no_host_sync(shards, preset):
     """One micro-batch of the hot path (streams, forward, every loss term) with the host counts
     the loop passes: nothing waits for the device."""
+    from transformers import BartConfig
+
     from data_pipeline.loader import DataConfig, build_pretrain_loader
     from janus.model import JanusBart
     from janus.objectives import ObjectiveConfig
     from janus.steps import JanusLoss
-    from transformers import BartConfig
 
     loader = build_pretrain_loader(DataConfig(shards_dir=str(shards)), rank=0, world_size=1, micro_batch_size=3)
     batch = next(iter(loader))

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from conftest import tiny_bart_config
 from janus.model import JanusBart
+
+from conftest import tiny_bart_config
 
 PAD, VOCAB = 1, 64
 

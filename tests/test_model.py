@@ -1,10 +1,11 @@
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, BartModel
 
-from conftest import tiny_bart_config
 from janus.model import JanusBart
 from janus.objectives import PRESETS, ObjectiveConfig
 from janus.streams import build_streams
+
+from conftest import tiny_bart_config
 
 PAD, MASK, START = 1, 99, 2
 

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_bart_config
-from e2e import WORDS, read_metrics, torchrun
 from finetune.data import DataFormatError, poisson_span_mask
 from finetune.nmt import NMTConfig, NMTDataConfig, NMTModelConfig, load_bpe, read_parallel, train_joint_bpe
-from janus.export import model_from_state
 from janus.decoding import MaskPredictConfig, mask_predict
+from janus.export import model_from_state
 from janus.model import JanusBart
 from janus.multitask_nat import MultiTaskNAT, importance_lambda
 from janus.objectives import ObjectiveConfig
+
+from conftest import tiny_bart_config
+from e2e import WORDS, read_metrics, torchrun
 
 GERMAN = ["Ich habe am ursprünglichen Entwurf ein paar Änderungen vorgenommen.",
           "Es gibt sie in den unterschiedlichsten Varianten.", "Das Abendessen hat mir geschmeckt.",

@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import BartForConditionalGeneration
 
-from e2e import build_shards, read_metrics, torchrun
 from janus.trainer import OptimConfig, RunConfig, resolve_ds_config
 from pretrain.train import ModelConfig, build_model
+
+from e2e import build_shards, read_metrics, torchrun
 
 CONFIG = "pretrain/configs/tiny_cpu.json"
 LOSS_KEYS = ("loss/ar", "loss/nar", "loss/aux", "loss/kl_ar_aux", "loss/kl_aux_ar", "loss/kl_nar_aux",

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e import REPO, build_shards, launch_env, make_base_model, read_metrics, torchrun, write_copy_task  # noqa: E402
 from janus.trainer import OptimConfig, RunConfig, lr_lambda, resolve_ds_config  # noqa: E402
+
+from e2e import REPO, build_shards, launch_env, make_base_model, read_metrics, torchrun, write_copy_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,11 @@ def test_nested_auto_and_bad_stage_are_rejected(tmp_path):
 
 def test_deepspeed_built_optimizer_gets_decay_and_no_decay_groups(tmp_path):
     """With an "optimizer" section (the offload configs), biases and LayerNorm weights must not decay."""
-    from janus.distributed import init_distributed
-    from janus.trainer import build_engine
-    from janus.model import JanusBart
     from transformers import BartConfig
+
+    from janus.distributed import init_distributed
+    from janus.model import JanusBart
+    from janus.trainer import build_engine
 
     init_distributed()
     path = tmp_path / "ds.json"
