@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        (work / "data").mkdir(exist_ok=True)
         shards = build_shards(work / "data")
         base = make_base_model(work / "base_model")
         task = write_copy_task(work / "task", n_train=256, n_dev=8)
