@@ -60,15 +60,17 @@ def test_pretrain_step_path_names_every_device(shards, tmp_path, monkeypatch):
     guarded_train(monkeypatch, entry)
     summary = entry.main(["--config", "pretrain/configs/tiny_cpu.json", "--data.shards_dir", str(shards),
                           "--run.save_dir", str(tmp_path / "run"), "--run.max_steps", "3", "--run.log_every", "1",
-                          "--run.save_every", "2", "--run.tensorboard", "false"])
+                          "--run.save_every", "2", "--run.tensorboard", "false", "--run.peak_tflops", "0.002"])
     assert summary["finished"] and summary["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["throughput/tflops_per_device"] > 0 and r["skipped_steps"] == 0 for r in rows)
+    # --run.peak_tflops reaches MFU (on a GPU the peak comes from the device model and precision).
+    assert all(r["throughput/mfu"] == pytest.approx(r["throughput/tflops_per_device"] / 0.002) for r in rows)
 
 
 @pytest.mark.parametrize("mode", ["ar", "nar"])
-def test_finetune_step_path_and_dev_decoding_name_every_device(base_model, tmp_path, monkeypatch, mode):
+def test_finetune_step_path_and_dev_decoding_name_every_device(base_model, tmp_path, monkeypatch, capsys, mode):
     import finetune.train as entry
 
     guarded_train(monkeypatch, entry)
@@ -80,9 +82,14 @@ def test_finetune_step_path_and_dev_decoding_name_every_device(base_model, tmp_p
                           "--data.max_target_length", "8", "--run.tensorboard", "false"])
     assert summary["finished"]
     assert (tmp_path / "run" / "best" / "dev_scores.json").exists()
+    out = capsys.readouterr().out
+    # The default --data.max_source_length 512 is more than this model's 128 positions: cut at start-up,
+    # not an IndexError at the first long batch; the budget line tells max_steps from epochs.
+    assert "sources are cut to 128 tokens" in out and "steps (--run.max_steps; " in out
 
 
 def test_nmt_step_path_names_every_device(tmp_path, monkeypatch):
+    """Training, validation every step (decoding the fp32 evaluation copy) and test decoding."""
     import finetune.nmt as entry
 
     from test_nmt import write_parallel  # the NMT tests' tiny parallel corpus
@@ -93,7 +100,7 @@ def test_nmt_step_path_names_every_device(tmp_path, monkeypatch):
                       "--run.save_dir", str(tmp_path / "run"), "--run.max_steps", "2", "--run.micro_batch_size", "4",
                       "--run.save_every", "1", "--run.log_every", "1", "--eval.average", "2", "--eval.samples", "4",
                       "--eval.iterations", "1", "--eval.beam", "2", "--run.tensorboard", "false",
-                      "--optim.warmup_steps", "1"])
+                      "--optim.warmup_steps", "1", "--run.eval_every", "1", "--eval.valid_samples", "4"])
     assert res["finished"] and set(res["bleu"]) == {"ar_beam2", "nar_T1"}
 
 
@@ -122,3 +129,16 @@ def test_loss_step_makes_no_host_sync(shards, preset):
     with pytest.raises(HostSyncError):  # the guard is live: an .item() is caught
         with no_host_sync():
             loss.item()
+
+
+def test_loader_pins_memory_and_uses_workers_on_a_gpu(monkeypatch, shards):
+    from data_pipeline.loader import DataConfig, build_pretrain_loader
+
+    cpu = build_pretrain_loader(DataConfig(shards_dir=str(shards)), rank=0, world_size=1, micro_batch_size=2)
+    assert (cpu.num_workers, cpu.pin_memory) == (0, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = build_pretrain_loader(DataConfig(shards_dir=str(shards)), rank=0, world_size=1, micro_batch_size=2)
+    assert gpu.num_workers == 2 and gpu.pin_memory
+    explicit = build_pretrain_loader(DataConfig(shards_dir=str(shards), num_workers=0), rank=0, world_size=1,
+                                     micro_batch_size=2)
+    assert explicit.num_workers == 0
