@@ -4,6 +4,12 @@ Every term is reported on its own. Cross-entropies are label-smoothed
 (``(1 - eps) * nll + eps * mean_v(-log p_v)``, torch's definition); KL terms are computed in
 fp32 over the masked positions, with no stop-gradient on either side.
 ``kl_x_y`` is the weight of KL(P_x || P_y).
+
+The vocabulary part (lm_head projection, log-softmax, NLL and KL terms) runs in chunks of
+``ObjectiveConfig.loss_chunk_rows`` logit rows by default (``_ChunkedVocabLoss``); the
+unchunked computation (``loss_chunk_rows=0``) is kept as the reference. Rows are gathered
+with index tensors, never boolean masks, so with host-side counts (``host_counts``) the
+losses need no device -> host synchronisation.
 """
 from __future__ import annotations
 
