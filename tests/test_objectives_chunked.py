@@ -292,7 +292,12 @@ def test_forward_losses_backward_run_sync_free_with_host_counts(preset, chunk_ro
     x, am, y, dm, lengths = batch
     objective = ObjectiveConfig(preset=preset, loss_chunk_rows=chunk_rows, loss_chunk_min_vocab=0)
     counts = _host_counts(y, dm)
-    with no_host_sync():
+    try:  # every tensor factory on the path names its device (a CPU tensor on a GPU run would crash)
+        from guards import strict_device
+    except ImportError:
+        import contextlib
+        strict_device = contextlib.nullcontext
+    with no_host_sync(), strict_device():
         out = model(x, am, y, dm, objective=objective, length_targets=lengths, host_counts=counts)
         out.loss.backward()
     # Without the counts the losses read them back once: the guard sees it (it can fail).
