@@ -7,8 +7,14 @@
 AR mode trains the JANUS AR pattern (query stream) with label-smoothed cross-entropy;
 NAR mode trains CMLM on the NAR pattern (mask-predict masking: a uniform number of masked
 target tokens) plus a new, randomly initialised length head (weight ``objective.length``).
+JANUS mode trains the full JANUS objective on the task (AR + NAR + AUX + the KL terms, preset
+``paper`` unless ``--objective.preset`` says otherwise; NAR/AUX on the mask-predict masking) plus
+the length head, so one model serves AR beam search, mask-predict and speculative decoding;
+its dev evaluation decodes with all three (``ar_*``, ``nar_*``, ``spec_*`` scores, ``score`` =
+their mean; the speculative draft acceptance is logged too).
 Mode defaults follow the paper (AR: lr 3e-5, warmup 200, 10 epochs; NAR: lr 1e-4, warmup
-1000, 50 epochs; label smoothing 0.1); any flag overrides them. The dev set is decoded and
+1000, 50 epochs; label smoothing 0.1; JANUS: NAR's, since it trains the NAR pattern and a new
+length head too); any flag overrides them. The dev set is decoded and
 scored with the task metric every ``--run.eval_every`` steps; the best model is exported
 to ``<save_dir>/best`` (an HF folder with tokenizer, loadable by ``finetune.generate``).
 """
@@ -32,6 +38,7 @@ from finetune.evaluation import decode_gathered
 from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
+from janus.speculative import SpecConfig, combine_stats
 from janus.distributed import init_distributed, is_rank0, print0, shutdown_distributed
 from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import evaluate as score_task
@@ -42,6 +49,8 @@ from janus.steps import JanusLoss, epochs_to_steps
 MODE_DEFAULTS = {
     "ar": {"optim": {"lr": 3e-5, "warmup_steps": 200}, "epochs": 10.0, "objective": "ar"},
     "nar": {"optim": {"lr": 1e-4, "warmup_steps": 1000}, "epochs": 50.0, "objective": "cmlm"},
+    # JANUS finetuning trains the NAR pattern and a fresh length head as well: NAR's schedule.
+    "janus": {"optim": {"lr": 1e-4, "warmup_steps": 1000}, "epochs": 50.0, "objective": "paper"},
 }
 # Label smoothing 0.1 in both modes is ObjectiveConfig's default.
 
@@ -75,7 +84,7 @@ class EvalConfig:
 @dataclass
 class FinetuneConfig:
     task: str = field(default="xsum", metadata={"help": "xsum|squadqg|personachat|cnndm|gigaword|msnews|msqg|coqa"})
-    mode: str = field(default="ar", metadata={"help": "ar | nar (sets the paper's defaults for optim/objective)"})
+    mode: str = field(default="ar", metadata={"help": "ar | nar | janus (sets the paper's defaults for optim/objective)"})
     epochs: float | None = field(default=None, metadata={"help": "used when run.max_steps is 0 (default: mode's)"})
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
@@ -86,7 +95,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if self.mode not in MODE_DEFAULTS:
-            raise ValueError(f"--mode must be ar or nar, got {self.mode!r}")
+            raise ValueError(f"--mode must be one of {sorted(MODE_DEFAULTS)}, got {self.mode!r}")
         if self.task not in TASK_MAX_TARGET:
             raise ValueError(f"--task {self.task!r}: choose from {sorted(TASK_MAX_TARGET)}")
         if self.epochs is None:
@@ -116,7 +125,7 @@ def main(argv=None) -> dict:
 
     rank, world, _ = init_distributed(cfg.run.dist_timeout_minutes)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init_from)
-    nar = cfg.mode == "nar"
+    nar = cfg.mode in ("nar", "janus")  # length head and decoder masks
     max_tgt = cfg.data.max_target_length
     torch.manual_seed(cfg.run.seed)  # the new length head starts identical on every rank
     model = JanusBart.from_bart(cfg.model.init_from, mask_token_id=tokenizer.mask_token_id,
@@ -170,19 +179,39 @@ def main(argv=None) -> dict:
     nar_cfg = MaskPredictConfig(iterations=cfg.eval.iterations, length_candidates=cfg.eval.length_candidates,
                                 max_len=max_tgt)
 
+    spec_cfg = SpecConfig(max_len=max_tgt)
+
+    def dev_scores(preds: list[str]) -> dict:
+        srcs = dev_src if cfg.task in ("squadqg", "msqg") else None
+        results = score_task(cfg.task, preds, dev_tgt, srcs, meteor=cfg.eval.meteor)
+        score = results.get("overall")
+        if score is None:
+            score = sum(v for k, v in results.items() if isinstance(v, float) and k not in ("repetition",))
+        return {k: v for k, v in results.items() if isinstance(v, (int, float))} | {"score": float(score)}
+
     def evaluate(module: JanusBart, step: int) -> dict:
         """``module`` is a plain fp32 copy on every rank (the trainer's ``full_precision_copy``): each
-        rank decodes a slice of dev, rank 0 scores, and the best model is exported from it."""
-        preds, _ = decode_gathered(module, tokenizer, dev_src, mode=cfg.mode, batch_size=cfg.eval.batch_size,
-                                   max_source_length=cfg.data.max_source_length, beam=beam_cfg, nar=nar_cfg)
+        rank decodes a slice of dev, rank 0 scores, and the best model is exported from it. JANUS
+        mode decodes with AR beam search, mask-predict and speculative decoding; the best model is
+        the best mean of the three scores (``dev_predictions.txt``: the AR beam outputs)."""
+        decoders = ("ar", "nar", "spec") if cfg.mode == "janus" else (cfg.mode,)
+        outputs, spec_stats = {}, []
+        for mode in decoders:
+            outputs[mode], _ = decode_gathered(module, tokenizer, dev_src, mode=mode, batch_size=cfg.eval.batch_size,
+                                               max_source_length=cfg.data.max_source_length, beam=beam_cfg,
+                                               nar=nar_cfg, spec=spec_cfg, stats=spec_stats if mode == "spec" else None)
+        preds = outputs[decoders[0]]
         results = {}
         if is_rank0():
-            srcs = dev_src if cfg.task in ("squadqg", "msqg") else None
-            results = score_task(cfg.task, preds, dev_tgt, srcs, meteor=cfg.eval.meteor)
-            score = results.get("overall")
-            if score is None:
-                score = sum(v for k, v in results.items() if isinstance(v, float) and k not in ("repetition",))
-            results = {k: v for k, v in results.items() if isinstance(v, (int, float))} | {"score": float(score)}
+            if cfg.mode != "janus":
+                results = dev_scores(preds)
+            else:
+                for mode in decoders:
+                    results.update({f"{mode}_{k}": v for k, v in dev_scores(outputs[mode]).items()})
+                results["score"] = sum(results[f"{m}_score"] for m in decoders) / len(decoders)
+                st = combine_stats(spec_stats)  # rank 0's share of dev
+                results.update({f"spec_{k}": st[k] for k in ("accepted_per_verification", "passes_per_token",
+                                                             "single_verification_share")})
             best = json.load(open(best_file))["score"] if os.path.exists(best_file) else -math.inf
             if results["score"] > best:
                 module.save_pretrained(best_dir)

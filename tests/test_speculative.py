@@ -267,3 +267,54 @@ def test_max_len_beyond_positions_is_refused():
     x, am = sources(40)
     with pytest.raises(ValueError, match="max_position_embeddings|positions"):
         speculative_decode(model, x, am, SpecConfig(max_len=500))
+
+
+# ---------------------------------------------------------------- finetune --mode janus (issue 13 §1)
+def test_janus_mode_defaults():
+    from finetune.train import parse_config
+
+    cfg = parse_config(["--mode", "janus", "--model.init_from", "m", "--data.dir", "d"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.epochs) == (1e-4, 1000, 50.0)  # NAR's: it trains NAR too
+    assert cfg.objective.preset == "paper" and cfg.objective.patterns() == ("ar", "nar", "aux")
+    cfg = parse_config(["--mode", "janus", "--model.init_from", "m", "--data.dir", "d", "--objective.preset", "ar+nar",
+                        "--optim.lr", "3e-3"])
+    assert cfg.objective.preset == "ar+nar" and cfg.objective.aux == 0 and cfg.optim.lr == 3e-3
+
+
+@pytest.mark.slow
+def test_janus_finetune_serves_all_three_decoders(tmp_path):
+    """--mode janus trains AR + NAR + AUX + KL + length, evaluates AR beam, mask-predict and
+    speculative decoding on dev, exports the best; the export decodes speculatively = greedy."""
+    import json
+    import subprocess
+    import sys
+
+    from e2e import REPO, launch_env, make_base_model, torchrun, write_copy_task
+
+    base = make_base_model(tmp_path / "base")
+    task = write_copy_task(tmp_path / "task")
+    save = tmp_path / "run"
+    torchrun("finetune/train.py", [
+        "--task", "xsum", "--mode", "janus", "--model.init_from", str(base), "--data.dir", str(task),
+        "--run.save_dir", str(save), "--run.max_steps", "40", "--run.micro_batch_size", "16", "--run.log_every", "5",
+        "--run.save_every", "40", "--run.eval_every", "20", "--optim.lr", "3e-3", "--optim.warmup_steps", "5",
+        "--eval.samples", "16", "--eval.beam", "2", "--data.max_target_length", "16"], nproc=2)
+    rows = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    for term in ("loss/ar", "loss/nar", "loss/aux", "loss/kl_ar_aux", "loss/length"):
+        assert term in rows[-1], term
+    assert rows[-1]["loss/ar"] < rows[0]["loss/ar"] and rows[-1]["loss/nar"] < rows[0]["loss/nar"]
+    evals = [json.loads(line) for line in open(save / "eval.jsonl")]
+    for key in ("ar_score", "nar_score", "spec_score", "spec_accepted_per_verification", "spec_passes_per_token"):
+        assert key in evals[-1], key
+    assert evals[-1]["score"] == pytest.approx((evals[-1]["ar_score"] + evals[-1]["nar_score"]
+                                                + evals[-1]["spec_score"]) / 3)
+    best = save / "best"
+    assert JanusBart.from_bart(str(best)).length_head is not None
+    outs = {}
+    for mode, extra in (("spec", []), ("ar", ["--beam", "1"]), ("nar", ["--iterations", "1"])):
+        hyp = tmp_path / f"{mode}.hyp"
+        subprocess.run([sys.executable, "-m", "finetune.generate", "--model", str(best), "--src", str(task / "test.src"),
+                        "--out", str(hyp), "--mode", mode, "--max-len", "16", "--batch-size", "8", *extra],
+                       cwd=REPO, env=launch_env(), capture_output=True, text=True, check=True)
+        outs[mode] = hyp.read_text()
+    assert outs["spec"] == outs["ar"]
