@@ -52,7 +52,7 @@ MODE_DEFAULTS = {
     # JANUS finetuning trains the NAR pattern and a fresh length head as well: NAR's schedule.
     "janus": {"optim": {"lr": 1e-4, "warmup_steps": 1000}, "epochs": 50.0, "objective": "paper"},
 }
-# Label smoothing 0.1 in both modes is ObjectiveConfig's default.
+# Label smoothing 0.1 in every mode is ObjectiveConfig's default.
 
 
 @dataclass
