@@ -286,6 +286,7 @@ def synthetic_spec(model: JanusBart, x: torch.Tensor, am: torch.Tensor, args, de
     out["spec_no_guard_overhead"] = out["spec_failing_no_guard_ms"] / out["ar_greedy_ms"] - 1
     out["spec_exact"] = all(p["spec_exact"] for p in parts)
     out["spec_sources"] = len(parts)
+    out["spec_per_source_ms"] = [{k: p[k] for k in p if k.endswith("_ms")} for p in parts]
     for key in ("spec_stats", "spec_failing_stats"):
         total = combine_stats([p[key] for p in parts])
         out[key] = {k: total[k] for k in SPEC_KEYS}

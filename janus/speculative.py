@@ -8,8 +8,8 @@ JANUS trains one set of weights for both patterns, so no second model is needed.
    (bidirectional over the canvas, exactly a mask-predict refinement pass with the prefix unmasked).
    ``N`` is the length head's most likely target length among those longer than the prefix
    (``draft_length="head"``), or ``L + window`` (``"window"``, and for models without a length
-   head). The draft is the best token of every masked slot (never <pad>/<mask>), cut after its
-   first </s>; the last decoder layer and the vocabulary projection run only the drafted slots.
+   head). The draft is the best token (never <pad>/<mask>) of the first ``window`` masked slots,
+   cut after its first </s>; the last decoder layer and the vocabulary projection run only those.
 2. **Verify**: one pass of the AR pattern over ``w + 1`` content tokens (the last accepted token
    and ``w`` draft tokens, at positions ``L..L+w``) and ``w + 1`` queries (positions
    ``L+1..L+w+1``). Content keys/values of the accepted prefix come from a per-row cache (rows hold
@@ -25,23 +25,26 @@ its slots: a substitution error leaves the rest right) and verified next cycle a
 A new draft pass runs only when a row's draft is used up or its first verified token was rejected.
 
 **Adaptive guard** (``adaptive=True``). A fresh draft is verified over the full ``window``; the
-stale remainder after a rejection over ``min(window, 2 * accepted)``. When a fresh draft has its
-first token rejected, the row stops drafting for ``backoff`` cycles (plain greedy-like steps: one
-content token + one query, window 0), and the pause doubles after each further failure up to
-``max_backoff``; an accepted draft token resets it. So on a model whose drafts are useless the
-draft passes become logarithmically rare and the cost tends to plain greedy's.
+stale remainder after a rejection over ``min(window, 2 * accepted)``. When a fresh draft gets fewer
+than 2 tokens accepted (it saved less than the draft pass cost), the row stops drafting for
+``backoff`` cycles (plain greedy-like steps: one content token + one query, window 0, through a
+lean code path), and the pause doubles after each further failure up to ``max_backoff``; a fresh
+draft with 2 or more accepted tokens resets it. So on a model whose drafts are useless the draft
+passes become logarithmically rare (cycles 0, 5, 14, 31, 64, ... with the defaults) and the cost
+tends to plain greedy's.
 
-**Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32, and the
-verifier reproduces that arithmetic (sequential float32 score sums). But one
-pass over many positions is not bit-identical to many incremental steps (BLAS kernels and
-attention reductions depend on the number of rows: ~1e-6 in log-prob at small dims, more at
-bart-base dims), so a near-tie could flip. Every token is therefore *certified*: the verifier's
-top-1 must beat the runner-up by more than ``tie_margin`` (+ 2 float ulps of the score; default
-1e-4 in float32, 30x the largest discrepancy measured, 3e-6 at bart-base dims), which makes the
-incremental decoder choose the same token. An uncertified slot (a near-tie) is resolved by an **exact replay**: the
-incremental ``ARStepper`` on that source alone, teacher-forced through the committed prefix, whose
-arithmetic is exactly ``beam_search``'s on that source (the replay's state is kept, so later
-near-ties of the row cost only the new steps). Hence the output equals ``beam_search(beam=1)`` on
+**Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32 (the score
+summed sequentially in float32, as the verifier sums it too). But one pass over many positions is
+not bit-identical to many incremental steps (BLAS kernels and attention reductions depend on the
+number of rows: up to ~3e-6 in log-prob measured at demo and bart-base dims), so a near-tie could
+flip. Every token is therefore *certified*: the verifier's top-1 must beat the runner-up by more
+than ``tie_margin`` (default 1e-4 in float32, 30x that discrepancy) plus 2 float ulps of
+|score| + |log p| (so rounding the score addition cannot make a tie), which makes the incremental
+decoder choose the same token. An uncertified slot (a near-tie) is resolved by an **exact
+replay**: the incremental ``ARStepper`` on that source alone, teacher-forced through the committed
+prefix, whose arithmetic is exactly ``beam_search``'s on that source (the replay's state is kept,
+so later near-ties of the row cost only the new steps; a replay at slot t costs t incremental
+steps, the price of exactness; near-ties are common only in untrained, flat distributions). Hence the output equals ``beam_search(beam=1)`` on
 every source alone; a batched ``beam_search`` itself agrees with that except at its own
 sub-1e-5 near-ties. Tests check this on random models (poor drafts, many replays) and a trained
 one (good drafts), at batch 1 and batch > 1.
