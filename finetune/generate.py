@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.collate import pad_batch
+from data_pipeline.tokenizer import load_tokenizer
 from finetune.data import read_lines
 from janus.config import add_dataclass_flags, dataclass_from_flags
 from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict

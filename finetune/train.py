@@ -32,19 +32,20 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the repo im
 
 import torch
 import torch.distributed as dist
+
 from data_pipeline.loader import ResumableLoader
 from data_pipeline.tokenizer import load_tokenizer
-from finetune.evaluation import decode_gathered
 from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
+from finetune.evaluation import decode_gathered
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
-from janus.speculative import SpecConfig, combine_stats
 from janus.distributed import init_distributed, is_rank0, print0, shutdown_distributed
-from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 from janus.metrics import evaluate as score_task
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
+from janus.speculative import SpecConfig, combine_stats
 from janus.steps import JanusLoss, epochs_to_steps
+from janus.trainer import OptimConfig, RunConfig, resolve_ds_config, train
 
 MODE_DEFAULTS = {
     "ar": {"optim": {"lr": 3e-5, "warmup_steps": 200}, "epochs": 10.0, "objective": "ar"},

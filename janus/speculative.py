@@ -44,7 +44,8 @@ decoder choose the same token. An uncertified slot (a near-tie) is resolved by a
 replay**: the incremental ``ARStepper`` on that source alone, teacher-forced through the committed
 prefix, whose arithmetic is exactly ``beam_search``'s on that source (the replay's state is kept,
 so later near-ties of the row cost only the new steps; a replay at slot t costs t incremental
-steps, the price of exactness; near-ties are common only in untrained, flat distributions). Hence the output equals ``beam_search(beam=1)`` on
+steps, the price of exactness; near-ties are common only in untrained, flat distributions).
+Hence the output equals ``beam_search(beam=1)`` on
 every source alone; a batched ``beam_search`` itself agrees with that except at its own
 sub-1e-5 near-ties. Tests check this on random models (poor drafts, many replays) and a trained
 one (good drafts), at batch 1 and batch > 1.

@@ -4,9 +4,10 @@ import re
 import pytest
 import torch
 
-from conftest import tiny_bart_config
 from janus.decoding import ARStepper, BeamConfig, MaskPredictConfig, beam_search, mask_predict, remask_count
 from janus.model import JanusBart
+
+from conftest import tiny_bart_config
 
 PAD, EOS = 1, 2
 

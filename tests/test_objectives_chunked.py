@@ -97,9 +97,10 @@ def test_existing_defaults_fn_hooks_still_work():
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from conftest import tiny_bart_config  # noqa: E402
 from janus.model import JanusBart  # noqa: E402
 from janus.objectives import janus_losses, use_chunked  # noqa: E402
+
+from conftest import tiny_bart_config  # noqa: E402
 
 PAD = 1
 ZERO_GRAD = ".k_proj.bias"  # keys' bias: softmax-invariant, its true gradient is exactly 0 (fp32 noise only)

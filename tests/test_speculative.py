@@ -2,12 +2,13 @@
 import pytest
 import torch
 
-from conftest import tiny_bart_config
 from janus import speculative
 from janus.decoding import ARStepper, BeamConfig, _ban_repeated_ngrams, beam_search
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
 from janus.speculative import SpecConfig, _ban_ngrams_windowed, _Verifier, speculative_decode
+
+from conftest import tiny_bart_config
 
 PAD, EOS, BOS = 1, 2, 0
 
