@@ -247,7 +247,7 @@ def bench(args, argv: list[str]) -> dict:
     for v in VARIANTS:
         step_s = sorted(times[v])[len(times[v]) // 2]
         flops = setup.flops(v)
-        variants[v] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "flops_per_step": flops,
+        variants[v] = {"step_s": step_s, "step_times_s": times[v], "tokens_per_s": tokens / step_s, "flops_per_step": flops,
                        "flops_per_s": flops / step_s, "mfu": flops / step_s / rate,
                        **({"mfu_vs_spec": flops / step_s / spec} if spec else {}), **memory.get(v, {})}
     j, u, b = variants["janus"], variants["janus_unchunked"], variants["bart"]
