@@ -85,8 +85,7 @@ def mask_sample(block: np.ndarray, cfg: MaskingConfig, vocab: VocabInfo, *, seed
 
 def span_mask(rng: np.random.Generator, n: int, ratio: float, lam: float) -> np.ndarray:
     """Bool [n]: Poisson(lam) spans (>= 1) covering round(ratio * n) positions (rounded stochastically),
-    non-overlapping and non-adjacent -- the decoder masking of pretraining, also used by the
-    training-step benchmark to build pretraining-like batches."""
+    non-overlapping and non-adjacent -- the decoder masking of pretraining."""
     return _runs_to_mask(n, *_sample_spans(rng, n, ratio, lam))
 
 
