@@ -2,7 +2,7 @@
 
     python -m finetune.generate --model runs/xsum-ar/best --src test.src --out test.hyp --mode ar --beam 5
     python -m finetune.generate --model runs/xsum-nar/best --src test.src --out test.hyp --mode nar --iterations 4
-    python -m finetune.generate --model runs/xsum-janus/best --src test.src --out test.hyp --mode spec --window 16
+    python -m finetune.generate --model runs/xsum-janus/best --src test.src --out test.hyp --mode spec --window 32
     python -m finetune.generate ... --latency        # ms/sample at batch 1 and at --batch-size
     python -m finetune.generate ... --device cuda    # default: cuda when available, else cpu
 

@@ -74,7 +74,7 @@ DRAFT_LENGTHS = ("head", "window")
 
 @dataclass
 class SpecConfig:
-    window: int = field(default=16, metadata={"help": "speculative: most draft tokens verified in one AR pass"})
+    window: int = field(default=32, metadata={"help": "speculative: most draft tokens verified in one AR pass"})
     max_len: int = field(default=64, metadata={"help": "longest output in generated tokens, <s> and </s> included"})
     min_len: int = field(default=1, metadata={"help": "AR: </s> is banned before this many generated tokens"})
     no_repeat_ngram: int = field(default=0, metadata={"help": "AR: ban repeating any n-gram of this size (0 = off)"})

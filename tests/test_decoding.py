@@ -340,7 +340,7 @@ def test_shared_and_aliased_flags_and_help(tiny_model_dir, capsys):
         gen.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "self-speculative decoding (--mode spec)" in text and "most draft tokens verified" in text
-    assert "(default: 16)" in text
+    assert "(default: 32)" in text
 
 
 def test_dataclass_flags_helper_is_general():
