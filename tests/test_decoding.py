@@ -386,3 +386,18 @@ def test_generate_spec_mode_equals_greedy_and_reports_its_statistics(tiny_model_
     for key in ("accepted_per_verification", "single_verification_share", "tokens_per_verification"):
         assert key in st
     assert spec["device"] == greedy["device"] == "cpu"
+
+
+def test_decode_latency_quality_mode_reports_speculative_exactness(tiny_model_dir, tmp_path):
+    from benchmarks.decode_latency import main
+
+    ref = tmp_path / "test.tgt"
+    ref.write_text("the river\na new king\nmusic\n")
+    out = main(["--model", str(tiny_model_dir), "--src", str(tiny_model_dir / "test.src"), "--ref", str(ref),
+                "--task", "xsum", "--source-len", "32", "--target-len", "12", "--samples", "2", "--dtypes", "float32",
+                "--only", "ar_greedy,spec", "--device", "cpu"])
+    spec = out["spec"]
+    assert spec["exact_match_with_greedy"] == 1.0 and spec["tokens"] > 0
+    split = spec["batch1_interleaved"]
+    assert split["speedup_vs_greedy"] == split["greedy_ms"] / split["spec_ms"]
+    assert split["ms_total"] >= split["ms_encoder"] + split["ms_verify"] - 1e-6
