@@ -28,8 +28,9 @@ A new draft pass runs only when a row's draft is used up or its first verified t
 stale remainder after a rejection over ``min(window, 2 * accepted)``. When a fresh draft gets fewer
 than 2 tokens accepted (it saved less than the draft pass cost), the row stops drafting for
 ``backoff`` cycles (plain greedy-like steps: one content token + one query, window 0, through a
-lean code path), and the pause doubles after each further failure up to ``max_backoff``; a fresh
-draft with 2 or more accepted tokens resets it. So on a model whose drafts are useless the draft
+lean code path), the pause doubles after each further failure up to ``max_backoff``, and the next
+probe drafts and verifies a quarter of the window (at least 2); a fresh draft with 2 or more
+accepted tokens resets both. So on a model whose drafts are useless the draft
 passes become logarithmically rare (cycles 0, 5, 14, 31, 64, ... with the defaults) and the cost
 tends to plain greedy's.
 
@@ -342,6 +343,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     win = torch.full((B,), window, dtype=torch.long, device=dev)
     cool = torch.zeros(B, dtype=torch.long, device=dev)
     pause = torch.full((B,), cfg.backoff, dtype=torch.long, device=dev)
+    probe = torch.full((B,), window, dtype=torch.long, device=dev)  # window of the next fresh draft
     verifications = torch.zeros(B, dtype=torch.long, device=dev)
     replays: dict[int, _Replay] = {}
     st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
@@ -384,12 +386,12 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             all_rows = len(rows) == R
             sub_cross = verifier.cross if all_rows else [(k[rows], v[rows]) for k, v in verifier.cross]
             sub_mask = verifier.cross_mask if all_rows else verifier.cross_mask[rows]
-            new, new_len = draft_fn(model, toks[rows], sub_L, N, sub_cross, sub_mask, window)
+            new, new_len = draft_fn(model, toks[rows], sub_L, N, sub_cross, sub_mask, int(probe[rows].max()))
             draft[rows] = pad
             draft[rows, :new.shape[1]] = new
             dlen[rows] = new_len
             fresh[rows] = True
-            win[rows] = window
+            win[rows] = probe[rows]
             st["draft_passes"] += 1
             st["row_passes"] += len(rows)
             clock.lap("ms_draft")
@@ -468,6 +470,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
                 cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
                 pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
                                     torch.where(had & fresh, cfg.backoff, pause))
+                probe = torch.where(fresh_fail, (probe // 4).clamp(min=2), torch.where(had & fresh, window, probe))
             fresh = torch.zeros_like(fresh)
         done = (last == eos) | (L >= max_len)
         if bool(done.any()):
@@ -477,8 +480,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             st["tokens"] += int(L[fin].sum())
             st["single_verification"] += int((verifications[fin] == 1).sum())
             keep = (~done).nonzero().squeeze(1)
-            idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, verifications = (
-                v[keep] for v in (idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, verifications))
+            idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, probe, verifications = (
+                v[keep] for v in (idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, probe, verifications))
             if len(keep):
                 verifier.keep(keep)
                 if len_logits is not None:
