@@ -33,8 +33,14 @@ def build_shards(tmp: Path, block_size: int = 64, vocab_size: int = 400) -> Path
     return out
 
 
+# Set by launchers and in-process process groups; a child launcher must make its own.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def launch_env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO))
     return env
 

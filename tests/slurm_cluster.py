@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from e2e import DIST_VARS
+
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 PACKAGES = "slurmd slurmctld slurm-client munge"
 
@@ -89,6 +91,8 @@ class SlurmCluster:
         env["SLURM_CONF"] = str(self.conf)
         for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
             del env[key]  # never leak an outer allocation's settings into this cluster
+        for key in DIST_VARS:
+            env.pop(key, None)  # nor a process group's rendezvous (the launchers in the jobs make their own)
         return env
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:

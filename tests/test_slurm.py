@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import REPO, build_shards
+from e2e import DIST_VARS, REPO, build_shards
 from slurm_cluster import SlurmCluster, missing_requirements
 
 SCRIPTS = ("slurm/pretrain.sh", "slurm/finetune.sh", "slurm/common.sh")
@@ -46,7 +46,7 @@ def test_scripts_parse_and_pass_shellcheck():
 
 def _dry_run(script: str, env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_")) and k not in ("CONFIG", "OMP_NUM_THREADS")} | env
+           if not k.startswith(("SLURM_", "SBATCH_")) and k not in ("CONFIG", "OMP_NUM_THREADS", *DIST_VARS)} | env
     proc = subprocess.run(["bash", str(REPO / script), *args], cwd="/", env=env | {"DRY_RUN": "1"},
                           capture_output=True, text=True)
     assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
