@@ -38,11 +38,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
+from data_pipeline.masking import span_mask
 from janus.flops import bart_step_flops, janus_step_flops, peak_tflops_for
-from janus.masking import span_mask
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
 
@@ -64,7 +65,9 @@ def make_batch(vocab: int, batch: int, seq: int, ratio: float, seed: int = 0):
     input_ids = torch.randint(4, vocab - 1, (batch, seq), generator=g)
     labels = torch.randint(4, vocab - 1, (batch, seq), generator=g)
     attention_mask = torch.ones_like(input_ids)
-    decoder_mask = span_mask(labels.ne(1), ratio, mean_span=3.0, generator=g)
+    # The decoder masking of pretraining (Poisson(3) spans covering `ratio` of each row).
+    rng = np.random.default_rng(seed)
+    decoder_mask = torch.from_numpy(np.stack([span_mask(rng, seq, ratio, lam=3.0) for _ in range(batch)]))
     return input_ids, attention_mask, labels, decoder_mask
 
 
