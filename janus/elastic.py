@@ -98,6 +98,28 @@ def _param_groups(engine) -> list[dict]:
     return getattr(opt, "optimizer", opt).param_groups
 
 
+def _unshare_step_counters(engine) -> int:
+    """Give every optimizer state its own ``step`` tensor; returns how many were shared.
+
+    DeepSpeed's ZeRO-3 universal loader stores ONE loaded ``step`` tensor into the state of every
+    fp32 sub-group. torch's Adam/AdamW advance ``step`` in place, once per parameter group, so with
+    the tensor shared each optimizer step advances it once per group: the second group (no decay)
+    sees steps 6, 8, 10 ... instead of 5, 6, 7 and its bias correction (hence its updates) is wrong.
+    ZeRO-1/2 load each group's step separately and are unaffected."""
+    opt = engine.optimizer
+    state = getattr(opt, "optimizer", opt).state
+    seen, shared = set(), 0
+    for entry in state.values():
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if not torch.is_tensor(step):
+            continue
+        if id(step) in seen:
+            entry["step"] = step.clone()
+            shared += 1
+        seen.add(id(entry["step"]))
+    return shared
+
+
 @contextlib.contextmanager
 def _universal_loading(engine):
     """DeepSpeed reads ``checkpoint.load_universal`` from its config at load time only."""
@@ -140,6 +162,7 @@ def load_resized(engine, root: str, tag: str, marker: dict, seed: int, fail_midw
     # (biases and LayerNorm weights would start to decay): the groups' own settings are the run's.
     for group, own in zip(_param_groups(engine), hyper):
         group.update(own)
+    _unshare_step_counters(engine)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {result['path']}")
     rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")
