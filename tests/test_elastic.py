@@ -32,6 +32,23 @@ def kill_and_resume(shards, save, before, after, stage, **kw):
     return pretrain(shards, save, after, stage, **kw)
 
 
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The runs several tests compare against, made once per module: ``reference(kind, ...)``
+    with kind "full" (uninterrupted, ``before`` ranks) or "moved" (killed at step 4 on ``before``
+    ranks, resumed on ``after``). Tests read them and copy before changing anything."""
+    made = {}
+
+    def get(kind, before, stage, after=None):
+        key = (kind, before, stage, after)
+        if key not in made:
+            save = tmp_path_factory.mktemp("-".join(map(str, key)))
+            made[key] = (save, pretrain(shards, save, before, stage) if kind == "full"
+                         else kill_and_resume(shards, save, before, after, stage))
+        return made[key]
+    return get
+
+
 def summary(save):
     return json.loads((save / "train_summary.json").read_text())
 
@@ -39,11 +56,9 @@ def summary(save):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,before,after", [
     (1, 2, 1), (2, 2, 1), (2, 1, 2), (3, 2, 1)])
-def test_resume_at_another_world_size_continues_the_same_run(shards, tmp_path, stage, before, after):
-    full = tmp_path / "full"
-    pretrain(shards, full, before, stage)
-    moved = tmp_path / "moved"
-    resumed = kill_and_resume(shards, moved, before, after, stage)
+def test_resume_at_another_world_size_continues_the_same_run(reference, tmp_path, stage, before, after):
+    full, _ = reference("full", before, stage)
+    moved, resumed = reference("moved", before, stage, after)
     assert f"written by {before})" in resumed.stdout and "global batch kept at 8" in resumed.stdout
     a, b = read_metrics(full), read_metrics(moved)
     assert sorted(b) == list(range(1, 9))
@@ -68,13 +83,11 @@ def test_resume_at_another_world_size_continues_the_same_run(shards, tmp_path, s
 
 
 @pytest.mark.slow
-def test_a_restarted_optimizer_would_be_caught(shards, tmp_path):
+def test_a_restarted_optimizer_would_be_caught(shards, reference, tmp_path):
     """The comparison above can fail: the same elastic resume with Adam's moments zeroed in the
     converted checkpoint (an optimizer restart) moves the losses far beyond the 1e-4 tolerance."""
-    full = tmp_path / "full"
-    pretrain(shards, full, 2, 2)
-    moved = tmp_path / "moved"
-    kill_and_resume(shards, moved, 2, 1, 2)
+    full, _ = reference("full", 2, 2)
+    moved, _ = reference("moved", 2, 2, 1)
     restarted = tmp_path / "restarted"
     (restarted / "checkpoints").mkdir(parents=True)
     shutil.copytree(moved / "checkpoints" / "step_00000004", restarted / "checkpoints" / "step_00000004")
