@@ -17,7 +17,7 @@ Written as ``{train,dev,test}.{src,tgt}``, deterministic.
 
     python -m finetune.make_demo_task --out runs/demo/task
     python -m finetune.make_demo_task --out runs/lead --kind lead
-    python -m finetune.make_demo_task --out runs/demo/task --kind lead-short
+    python -m finetune.make_demo_task --out runs/demo/lead-short --kind lead-short
 """
 from __future__ import annotations
 
