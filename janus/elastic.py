@@ -93,9 +93,10 @@ def _seed_all(value: int) -> None:
         torch.cuda.manual_seed(value)
 
 
-def _param_groups(engine) -> list[dict]:
+def _base_optimizer(engine):
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (or the engine's optimizer itself)."""
     opt = engine.optimizer
-    return getattr(opt, "optimizer", opt).param_groups
+    return getattr(opt, "optimizer", opt)
 
 
 def _unshare_step_counters(engine) -> int:
@@ -106,8 +107,7 @@ def _unshare_step_counters(engine) -> int:
     the tensor shared each optimizer step advances it once per group: the second group (no decay)
     sees steps 6, 8, 10 ... instead of 5, 6, 7 and its bias correction (hence its updates) is wrong.
     ZeRO-1/2 load each group's step separately and are unaffected."""
-    opt = engine.optimizer
-    state = getattr(opt, "optimizer", opt).state
+    state = _base_optimizer(engine).state
     seen, shared = set(), 0
     for entry in state.values():
         step = entry.get("step") if isinstance(entry, dict) else None
@@ -153,14 +153,14 @@ def load_resized(engine, root: str, tag: str, marker: dict, seed: int, fail_midw
     if "error" in result:
         raise RuntimeError(result["error"])
     barrier()
-    groups = _param_groups(engine)
+    groups = _base_optimizer(engine).param_groups
     hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in groups]
     with _universal_loading(engine):
         load_path, client = engine.load_checkpoint(universal_dir(root), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
     # DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's hyperparameters
     # (biases and LayerNorm weights would start to decay): the groups' own settings are the run's.
-    for group, own in zip(_param_groups(engine), hyper):
+    for group, own in zip(_base_optimizer(engine).param_groups, hyper):
         group.update(own)
     _unshare_step_counters(engine)
     if load_path is None:
