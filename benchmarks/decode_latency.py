@@ -44,7 +44,7 @@ from benchmarks.train_step import DIMS as TRAIN_DIMS
 from finetune.generate import DTYPES, default_device, synchronize
 from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict, remask_count
 from janus.model import JanusBart
-from janus.speculative import SpecConfig, combine_stats, speculative_decode
+from janus.speculative import SpecConfig, SpecGuard, combine_stats, speculative_decode
 
 # "demo": the architecture of the demo's pretrained model (pretrain/configs/demo_cpu.json, 8000-token BPE).
 DIMS = {**TRAIN_DIMS, "demo": dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -157,20 +157,21 @@ def spec_time_split(model: JanusBart, tok, sources: list[str], max_source_length
     dev = next(model.parameters()).device
     greedy = BeamConfig(beam=1, max_len=cfg.max_len, min_len=cfg.min_len, no_repeat_ngram=cfg.no_repeat_ngram)
     parts, t_greedy, t_spec = [], 0.0, 0.0
+    guard, profile_guard = SpecGuard(cfg), SpecGuard(cfg)  # one guard state over the file, as in generate
     for src in sources:
         ids = torch.tensor([tok(src, truncation=True, max_length=max_source_length)["input_ids"]], device=dev)
         am = torch.ones_like(ids)
         best = {"greedy": float("inf"), "spec": float("inf")}
         for _ in range(repeats):
             for name, fn in (("greedy", lambda: beam_search(model, ids, am, greedy)),
-                             ("spec", lambda: speculative_decode(model, ids, am, cfg))):
+                             ("spec", lambda: speculative_decode(model, ids, am, cfg, guard=guard))):
                 synchronize(dev)
                 t = time.perf_counter()
                 fn()
                 synchronize(dev)
                 best[name] = min(best[name], time.perf_counter() - t)
         t_greedy, t_spec = t_greedy + best["greedy"], t_spec + best["spec"]
-        parts.append(speculative_decode(model, ids, am, cfg, profile=True)[2])
+        parts.append(speculative_decode(model, ids, am, cfg, profile=True, guard=profile_guard)[2])
     total = combine_stats(parts)
     out = {k: total.get(k, 0.0) / len(sources) for k in ("ms_encoder", "ms_draft", "ms_verify", "ms_replay", "ms_total")}
     out.update(greedy_ms=1000 * t_greedy / len(sources), spec_ms=1000 * t_spec / len(sources),

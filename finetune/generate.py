@@ -33,7 +33,7 @@ from finetune.data import read_lines
 from janus.config import add_dataclass_flags, dataclass_from_flags
 from janus.decoding import BeamConfig, MaskPredictConfig, beam_search, mask_predict
 from janus.model import JanusBart
-from janus.speculative import SpecConfig, combine_stats, speculative_decode
+from janus.speculative import SpecConfig, SpecGuard, combine_stats, speculative_decode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("ar", "nar", "spec")
@@ -54,10 +54,12 @@ def synchronize(device) -> None:
 
 def decode_lines(model: JanusBart, tokenizer, sources: list[str], *, mode: str, batch_size: int,
                  max_source_length: int, beam: BeamConfig | None = None, nar: MaskPredictConfig | None = None,
-                 spec: SpecConfig | None = None, stats: list | None = None, show_progress: bool = False) -> list[str]:
+                 spec: SpecConfig | None = None, stats: list | None = None, show_progress: bool = False,
+                 guard: SpecGuard | None = None) -> list[str]:
     """Detokenised outputs for ``sources``, batched (sorted by length for less padding), on the
     model's device. ``mode`` ar | nar | spec uses ``beam`` / ``nar`` / ``spec`` (defaults when None);
-    with ``stats`` (a list), spec mode appends each batch's statistics (``combine_stats`` them)."""
+    with ``stats`` (a list), spec mode appends each batch's statistics (``combine_stats`` them).
+    Spec mode keeps one adaptive-guard state (``guard``, a new one when None) over all batches."""
     from tqdm import tqdm
 
     if mode not in MODES:
@@ -65,6 +67,7 @@ def decode_lines(model: JanusBart, tokenizer, sources: list[str], *, mode: str, 
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}: must be an integer >= 1")
     beam, nar, spec = beam or BeamConfig(), nar or MaskPredictConfig(), spec or SpecConfig()
+    guard = guard if guard is not None else SpecGuard(spec)
     dev = next(model.parameters()).device
     max_source_length = min(max_source_length, model.config.max_position_embeddings)
     enc = tokenizer(sources, add_special_tokens=True, truncation=True, max_length=max_source_length)["input_ids"]
@@ -80,7 +83,7 @@ def decode_lines(model: JanusBart, tokenizer, sources: list[str], *, mode: str, 
         elif mode == "nar":
             tokens = mask_predict(model, ids, am, nar)[0]
         else:
-            tokens, _, st = speculative_decode(model, ids, am, spec)
+            tokens, _, st = speculative_decode(model, ids, am, spec, guard=guard)
             if stats is not None:
                 stats.append(st)
         texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -92,8 +95,10 @@ def decode_lines(model: JanusBart, tokenizer, sources: list[str], *, mode: str, 
 def latency_ms(model: JanusBart, tokenizer, sources: list[str], batch_size: int, **kw) -> float:
     """ms/sample. Batch 1 (the paper's protocol): the median over sources, robust to machine
     noise; larger batches: total time / number of sources. GPU work is synchronised before each
-    timer reads."""
+    timer reads. Speculative decoding keeps one guard state over the sources, as over a file."""
     dev = next(model.parameters()).device
+    if kw.get("mode") == "spec" and kw.get("guard") is None:
+        kw = {**kw, "guard": SpecGuard(kw.get("spec") or SpecConfig())}
     if batch_size == 1:
         times = []
         for src in sources:
@@ -161,7 +166,9 @@ def main(argv=None) -> dict:
         {"ar": "beam", "nar": "nar", "spec": "spec"}[args.mode]: cfg})
     synchronize(device)
     t = time.perf_counter()
-    hyps = decode_lines(model, tokenizer, sources, batch_size=args.batch_size, show_progress=True, stats=stats, **kw)
+    guard = SpecGuard(cfg) if args.mode == "spec" else None
+    hyps = decode_lines(model, tokenizer, sources, batch_size=args.batch_size, show_progress=True, stats=stats,
+                        guard=guard, **kw)
     synchronize(device)
     seconds = time.perf_counter() - t
     if args.out:
@@ -175,7 +182,7 @@ def main(argv=None) -> dict:
     if args.mode == "nar":
         summary["iterations"] = cfg.iterations
     if args.mode == "spec":
-        summary["speculative"] = combine_stats(stats)
+        summary["speculative"] = {**combine_stats(stats), **(guard.state() if cfg.adaptive else {})}
     if args.latency:
         probe = sources[: min(len(sources), 32)]
         summary["latency_ms_batch1"] = latency_ms(model, tokenizer, probe, 1, **kw)

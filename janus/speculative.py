@@ -25,14 +25,20 @@ its slots: a substitution error leaves the rest right) and verified next cycle a
 A new draft pass runs only when a row's draft is used up or its first verified token was rejected.
 
 **Adaptive guard** (``adaptive=True``). A fresh draft is verified over the full ``window``; the
-stale remainder after a rejection over ``min(window, 2 * accepted)``. When a fresh draft gets fewer
-than 2 tokens accepted (it saved less than the draft pass cost), the row stops drafting for
+stale remainder after a rejection over ``min(window, 2 * accepted)``. A fresh draft **pays** when the
+tokens it got accepted saved more than the draft pass and the verification cost: with the measured
+per-row costs of a draft pass ``D``, a verification ``V`` and a plain greedy-like step ``G`` (wall
+clock, read at the points where the loop synchronises anyway), a fresh draft committing ``a + 1``
+tokens pays when ``a + 1 >= (D + V) / G``, i.e. ``a >= max(2, ceil((D + V) / G - 1))`` (2 until a
+greedy-like step has been timed). When a fresh draft does not pay, the row stops drafting for
 ``backoff`` cycles (plain greedy-like steps: one content token + one query, window 0, through a
 lean code path), the pause doubles after each further failure up to ``max_backoff``, and the next
-probe drafts and verifies a quarter of the window (at least 2); a fresh draft with 2 or more
-accepted tokens resets both. So on a model whose drafts are useless the draft
-passes become logarithmically rare (cycles 0, 5, 14, 31, 64, ... with the defaults) and the cost
-tends to plain greedy's.
+probe drafts and verifies a quarter of the window (at least 2); a fresh draft that pays resets both.
+So on a model whose drafts are useless the draft passes become logarithmically rare (cycles 0, 5,
+14, 31, 64, ... with the defaults) and the cost tends to plain greedy's. The costs and the back-off
+state live in a ``SpecGuard``; passed to successive calls (``finetune.generate`` keeps one per
+file, ``benchmarks.decode_latency`` one per timed file), what it learnt on one source carries to
+the next: on short outputs a fresh start per source would pay a few failed probes every source.
 
 **Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32 (the score
 summed sequentially in float32, as the verifier sums it too). But one pass over many positions is
@@ -123,6 +129,33 @@ class SpecConfig:
         if self.tie_margin is not None:
             return self.tie_margin
         return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 0.1)
+
+
+class SpecGuard:
+    """The adaptive guard's memory, kept across ``speculative_decode`` calls: exponential moving
+    averages of the measured per-row ms of a draft pass, a verification and a greedy-like step, and
+    the back-off state (pause length, cycles left in it, probe window) that new rows start from."""
+
+    EMA = 0.3  # weight of the newest measurement
+
+    def __init__(self, cfg: SpecConfig):
+        self.ms: dict[str, float] = {}
+        self.pause, self.cool, self.probe = cfg.backoff, 0, cfg.window
+
+    def observe(self, kind: str, seconds: float, rows: int) -> None:
+        x = 1000.0 * seconds / max(rows, 1)
+        old = self.ms.get(kind)
+        self.ms[kind] = x if old is None else (1 - self.EMA) * old + self.EMA * x
+
+    def min_accept(self) -> int:
+        """Accepted tokens a fresh draft needs to have paid for itself (2 until all costs are timed)."""
+        g, d, v = (self.ms.get(k) for k in ("lean", "draft", "verify"))
+        if not (g and d and v):
+            return 2
+        return max(2, math.ceil((d + v) / g - 1 - 1e-9))
+
+    def state(self) -> dict:
+        return {"guard_min_accept": self.min_accept(), **{f"guard_{k}_ms_per_row": v for k, v in self.ms.items()}}
 
 
 class _Verifier:
@@ -297,12 +330,15 @@ def _draft(model: JanusBart, toks: torch.Tensor, L: torch.Tensor, N: torch.Tenso
 
 @torch.no_grad()
 def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       cfg: SpecConfig, *, profile: bool = False, drafter=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                       cfg: SpecConfig, *, profile: bool = False, drafter=None,
+                       guard: SpecGuard | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Greedy AR output by NAR drafting + one-pass AR verification.
 
     ``profile``: also time the parts (``ms_encoder``, ``ms_draft``, ``ms_verify`` (pass + acceptance
     + bookkeeping), ``ms_replay``, ``ms_total``; synchronising CUDA at each boundary). ``drafter``
     replaces the NAR drafting function (same signature as ``_draft``; benchmarks of the guard).
+    ``guard``: a ``SpecGuard`` to learn from and update (pass the same one to the calls over one
+    file); None starts from nothing.
 
     Returns (tokens [B, max_len] padded with pad, mean token log-prob [B], stats). ``stats``:
     ``tokens`` (generated, </s> included), ``draft_passes`` / ``verify_passes`` (decoder calls),
@@ -341,9 +377,10 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     dlen = torch.zeros(B, dtype=torch.long, device=dev)
     fresh = torch.zeros(B, dtype=torch.bool, device=dev)
     win = torch.full((B,), window, dtype=torch.long, device=dev)
-    cool = torch.zeros(B, dtype=torch.long, device=dev)
-    pause = torch.full((B,), cfg.backoff, dtype=torch.long, device=dev)
-    probe = torch.full((B,), window, dtype=torch.long, device=dev)  # window of the next fresh draft
+    guard = guard if guard is not None else SpecGuard(cfg)
+    cool = torch.full((B,), guard.cool if cfg.adaptive else 0, dtype=torch.long, device=dev)
+    pause = torch.full((B,), guard.pause, dtype=torch.long, device=dev)
+    probe = torch.full((B,), guard.probe if cfg.adaptive else window, dtype=torch.long, device=dev)  # next fresh draft's window
     verifications = torch.zeros(B, dtype=torch.long, device=dev)
     replays: dict[int, _Replay] = {}
     st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
@@ -355,6 +392,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     def resolve(rows: torch.Tensor, slot: torch.Tensor, committed: torch.Tensor, nxt: torch.Tensor,
                 new_score: torch.Tensor) -> None:
         """Greedy's own token (and score) at ``slot`` for the uncertified ``rows``, by exact replay."""
+        nonlocal replayed
+        replayed = True
         for r in rows.tolist():
             b = int(idx[r])
             rep = replays.get(b)
@@ -370,6 +409,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     while len(idx):
         R = len(idx)
         clock.lap("ms_encoder" if clock.first else "ms_verify")
+        # Guard timings are read where the loop synchronises anyway (the .any()/.max() reads).
+        t_top, drafted_rows, replayed = time.perf_counter(), 0, False
         # 1. Draft the rows that have no usable draft and are not pausing.
         need = (dlen == 0) & (cool == 0) & (L < max_len - 1)
         if bool(need.any()):
@@ -394,10 +435,14 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             win[rows] = probe[rows]
             st["draft_passes"] += 1
             st["row_passes"] += len(rows)
+            drafted_rows = len(rows)
             clock.lap("ms_draft")
         # 2. Verify: w draft tokens per row in one AR pass.
         w = torch.minimum(torch.minimum(win, dlen), max_len - 1 - L).clamp(min=0)
         W = int(w.max())
+        t_verify = time.perf_counter()
+        if drafted_rows:
+            guard.observe("draft", t_verify - t_top, drafted_rows)
         st["verify_passes"] += 1
         st["row_passes"] += R
         st["verifications"] += R
@@ -466,15 +511,21 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             if cfg.adaptive:
                 full = had & (acc == w)
                 win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
-                fresh_fail = had & fresh & (acc < 2)  # a draft pass that saved less than it cost
+                fresh_fail = had & fresh & (acc < guard.min_accept())  # a draft that saved less than it cost
                 cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
                 pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
                                     torch.where(had & fresh, cfg.backoff, pause))
                 probe = torch.where(fresh_fail, (probe // 4).clamp(min=2), torch.where(had & fresh, window, probe))
             fresh = torch.zeros_like(fresh)
         done = (last == eos) | (L >= max_len)
-        if bool(done.any()):
+        any_done = bool(done.any())
+        if cfg.adaptive and not replayed:
+            guard.observe("verify" if W else "lean", time.perf_counter() - t_verify, R)
+        if any_done:
             fin = done.nonzero().squeeze(1)
+            if cfg.adaptive:  # the next call's rows start from the back-off state of a finished row
+                f0 = int(fin[0])
+                guard.pause, guard.cool, guard.probe = int(pause[f0]), int(cool[f0]), int(probe[f0])
             out[idx[fin]] = toks[fin, :max_len]
             out_score[idx[fin]] = score[fin] / L[fin].float()
             st["tokens"] += int(L[fin].sum())
@@ -489,7 +540,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     clock.lap("ms_verify")
     st.update(clock.times, drafted_verifications=int(n_drafted), accepted=int(n_accepted))
     st.update(lossless=cfg.lossless, replay_disagreements=sum(r.disagreements for r in replays.values()))
-    return out, out_score, combine_stats([st])
+    return out, out_score, {**combine_stats([st]), **(guard.state() if cfg.adaptive else {})}
 
 
 class _Clock:

@@ -385,6 +385,7 @@ def test_generate_spec_mode_equals_greedy_and_reports_its_statistics(tiny_model_
     assert st["sources"] == 3 and st["lossless"] and st["passes_per_token"] > 0
     for key in ("accepted_per_verification", "single_verification_share", "tokens_per_verification"):
         assert key in st
+    assert st["guard_min_accept"] >= 2 and st["guard_verify_ms_per_row"] > 0  # the guard's measured costs
     assert spec["device"] == greedy["device"] == "cpu"
 
 

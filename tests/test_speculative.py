@@ -6,7 +6,7 @@ from janus import speculative
 from janus.decoding import ARStepper, BeamConfig, _ban_repeated_ngrams, beam_search
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
-from janus.speculative import SpecConfig, _ban_ngrams_windowed, _Verifier, speculative_decode
+from janus.speculative import SpecConfig, SpecGuard, _ban_ngrams_windowed, _Verifier, speculative_decode
 
 from conftest import tiny_bart_config
 
@@ -229,6 +229,80 @@ def test_adaptive_guard_pauses_drafting_when_drafts_fail(monkeypatch):
     assert plain["draft_passes"] >= 50
     assert adaptive["draft_passes"] <= 5  # cycles 0, 5, 14, 31: pauses of 4, 8, 16, 32
     assert adaptive["verify_passes"] == 60 and adaptive["accepted"] == 0
+
+
+def test_guard_threshold_follows_the_measured_costs():
+    g = SpecGuard(SpecConfig())
+    assert g.min_accept() == 2  # nothing timed yet
+    g.observe("draft", 0.003, 1)
+    g.observe("verify", 0.002, 1)
+    assert g.min_accept() == 2  # no greedy-like step timed yet
+    g.observe("lean", 0.001, 1)
+    assert g.min_accept() == 4  # a draft (3) + a verification (2) cost 5 steps: 4 accepted + the AR's own
+    g.observe("lean", 0.004, 4)  # per row: 1 ms again
+    assert g.min_accept() == 4 and g.ms["lean"] == pytest.approx(1.0)
+    g = SpecGuard(SpecConfig())
+    for k, ms in (("draft", 1.0), ("verify", 1.2), ("lean", 1.0)):  # GPU-like: passes cost about a step
+        g.observe(k, ms / 1000, 1)
+    assert g.min_accept() == 2
+
+
+def _prefix_drafter(greedy: torch.Tensor, good: int):
+    """Drafts greedy's own next ``good`` tokens, then wrong ones (batch 1)."""
+    def draft(model, toks, L, N, cross, cross_mask, most):
+        D = min(int((N - L).max()), most)
+        start = int(L[0])
+        d = torch.full((1, D), 38)
+        right = greedy[0, start:start + min(good, D)]
+        d[0, :len(right)] = right
+        return d, (N - L).clamp(max=D)
+    return draft
+
+
+def test_guard_stops_drafting_when_accepted_drafts_do_not_pay_for_themselves(monkeypatch):
+    """Drafts that get 2 tokens accepted pay at GPU-like costs but not when a draft pass and a
+    verification cost 5 greedy steps (fixed costs here: the wall clock does not decide the test)."""
+    model = random_model(0, vocab=40, scale=3.0)
+    with torch.no_grad():
+        model.final_logits_bias[0, 38] = -1e4  # the drafter's wrong token is never greedy's
+    x, am = sources(40, B=1, seed=4)
+    cfg = SpecConfig(max_len=60, min_len=60)
+    greedy = greedy_alone(model, x, am, cfg)
+    monkeypatch.setattr(SpecGuard, "observe", lambda self, kind, seconds, rows: None)
+    runs = {}
+    for name, costs in (("cheap", {"draft": 1.0, "verify": 1.2, "lean": 1.0}),
+                        ("dear", {"draft": 3.0, "verify": 2.0, "lean": 1.0})):
+        guard = SpecGuard(cfg)
+        guard.ms = dict(costs)
+        tokens, _, st = speculative_decode(model, x, am, cfg, drafter=_prefix_drafter(greedy, 2), guard=guard)
+        assert torch.equal(tokens, greedy)
+        runs[name] = st
+    assert runs["cheap"]["guard_min_accept"] == 2 and runs["dear"]["guard_min_accept"] == 4
+    assert runs["cheap"]["draft_passes"] >= 10  # 2 accepted per draft: worth drafting again
+    assert runs["dear"]["draft_passes"] <= 5  # not worth it: logarithmically rare probes
+    assert runs["dear"]["accepted"] > 0
+
+
+def test_guard_state_carries_over_calls(monkeypatch):
+    """After drafts failed on one source, the next source starts in the back-off pause instead of
+    paying for a fresh failed draft at once; the output stays greedy's."""
+    def wrong_draft(model, toks, L, N, cross, cross_mask, most):
+        D = min(int((N - L).max()), most)
+        return torch.full((len(L), D), 38), (N - L).clamp(max=D)
+    monkeypatch.setattr(speculative, "_draft", wrong_draft)
+    model = random_model(0, vocab=40, scale=3.0)
+    with torch.no_grad():
+        model.final_logits_bias[0, 38] = -1e4
+    x, am = sources(40, B=2, seed=4)
+    cfg = SpecConfig(max_len=20, min_len=20)
+    guard = SpecGuard(cfg)
+    first = [speculative_decode(model, x[i:i + 1], am[i:i + 1], cfg, guard=guard) for i in range(2)]
+    fresh = speculative_decode(model, x[1:2], am[1:2], cfg)
+    for i, (tokens, _, _) in enumerate(first):
+        assert torch.equal(tokens, greedy_alone(model, x[i:i + 1], am[i:i + 1], cfg))
+    assert first[0][2]["draft_passes"] == fresh[2]["draft_passes"] == 3  # cycles 0, 5, 14
+    assert first[1][2]["draft_passes"] < fresh[2]["draft_passes"]  # the second source starts paused
+    assert guard.pause > cfg.backoff
 
 
 def test_models_without_length_head_draft_a_fixed_window():
