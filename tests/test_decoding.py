@@ -309,9 +309,9 @@ def test_every_decoding_field_is_a_flag_that_reaches_the_decoder(tiny_model_dir,
     def spy(name):
         real = {"ar": gen.beam_search, "nar": gen.mask_predict, "spec": gen.speculative_decode}[name]
 
-        def wrapper(model, ids, am, cfg):
+        def wrapper(model, ids, am, cfg, **kw):
             received.append(cfg)
-            return real(model, ids, am, cfg)
+            return real(model, ids, am, cfg, **kw)
         return wrapper
     monkeypatch.setattr(gen, {"ar": "beam_search", "nar": "mask_predict", "spec": "speculative_decode"}[mode], spy(mode))
     for f in dc.fields(cls):
