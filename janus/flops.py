@@ -67,13 +67,13 @@ def _encoder_macs(config, src_tokens: int, src_len: int) -> int:
 
 def _decoder_half_macs(config, rows: int, tokens: int, last_rows: int, keys: int, src_len: int,
                        full_last: bool) -> int:
-    """One stream half: ``rows`` samples x ``tokens`` decoder tokens attending ``keys`` keys each;
-    the last layer computes only ``last_rows`` query rows per sample (keys/values of every
-    token) unless ``full_last``."""
+    """One stream half: ``rows`` samples x ``tokens`` decoder tokens attending the first ``keys``
+    tokens of the half (whose keys/values alone are projected: ``DecoderStreams.key_spans``);
+    the last layer computes only ``last_rows`` query rows per sample unless ``full_last``."""
     D, _, F_dec, _, L_dec, _ = _dims(config)
 
     def layer(q_rows: int) -> int:
-        kv = 2 * D * D * tokens  # self-attention keys/values of every token
+        kv = 2 * D * D * keys  # self-attention keys/values of the key tokens
         per_row = (2 * D * D  # q, out projections
                    + 2 * keys * D  # self-attention scores + values
                    + 2 * D * D  # cross-attention q, out projections
@@ -113,7 +113,8 @@ def janus_step_flops(config, *, batch: dict | None = None, patterns: Iterable[st
     from which these sizes are read; explicit keyword sizes override it.
 
     Decoder rows per sample: AR half 2N (content + query stream); NAR/AUX half N + 2M with
-    AUX (N with NAR only); self-attention over that half's own length; the last layer computes
+    AUX (N with NAR only); self-attention keys/values only where some row attends them (AR: the
+    N content slots; NAR/AUX: the N-token block and, with AUX, the M true tokens); the last layer computes
     only the output rows (AR: N queries; NAR: M masked slots; AUX: M queries). Vocabulary
     projection only for rows that produce logits: ``n_tokens`` AR rows, ``n_masked`` NAR and
     ``n_masked`` AUX rows.
@@ -134,12 +135,13 @@ def janus_step_flops(config, *, batch: dict | None = None, patterns: Iterable[st
     macs = _encoder_macs(config, sizes["src_tokens"], S) + _cross_kv_macs(config, B, S)
     logit_rows = 0
     if "ar" in patterns:
-        macs += _decoder_half_macs(config, B, 2 * N, N, 2 * N, S, full_last=False)
+        macs += _decoder_half_macs(config, B, 2 * N, N, N, S, full_last=False)  # queries attend the N content slots
         logit_rows += sizes["n_tokens"]
     if "nar" in patterns or "aux" in patterns:
         length = N + (2 * M if "aux" in patterns else 0)
         out_rows = M * (("nar" in patterns) + ("aux" in patterns))
-        macs += _decoder_half_macs(config, B, length, out_rows, length, S, full_last=False)
+        keys = N + (M if "aux" in patterns else 0)  # the CMLM block and the true tokens, never the queries
+        macs += _decoder_half_macs(config, B, length, out_rows, keys, S, full_last=False)
         logit_rows += sizes["n_masked"] * (("nar" in patterns) + ("aux" in patterns))
     macs += logit_rows * D * V
     return 3.0 * 2.0 * macs

@@ -226,26 +226,35 @@ class JanusBart(nn.Module):
     def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor | None, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
                past: tuple[torch.Tensor, torch.Tensor] | None = None, kv_len: int | None = None,
-               new_kv: list | None = None, interleaved: bool = False) -> torch.Tensor:
+               new_kv: list | None = None, interleaved: bool = False,
+               key_spans: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
         """One post-LN BART decoder layer. ``rows`` limits the computed rows (keys/values
         still come from every token); ``kv_len`` takes keys/values from the first ``kv_len``
         tokens only (the content stream during incremental decoding); ``past`` prepends cached
         self-attention keys/values, and the new ones are appended to ``new_kv`` when given.
         Cross-attention keys/values are per source; several decoder rows per source (pattern
         halves, beams, length candidates) share them, laid out ``interleaved`` (row = b*G + g)
-        or blocked (row = g*B + b)."""
+        or blocked (row = g*B + b). ``key_spans`` ((row start, row end, keys), ..., covering all
+        rows): each row range attends only its first ``keys`` tokens, whose keys/values alone
+        are projected (``DecoderStreams.key_spans``)."""
         H = self.config.decoder_attention_heads
         drop, attn_drop = self.config.dropout if self.training else 0.0, self.config.attention_dropout if self.training else 0.0
         sa = layer.self_attn
         x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        src = h if kv_len is None else h[:, :kv_len]
-        k, v = _heads(sa.k_proj(src), H), _heads(sa.v_proj(src), H)
-        if new_kv is not None:
-            new_kv.append((k, v))
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        a = F.scaled_dot_product_attention(_heads(sa.q_proj(x), H), k, v, attn_mask=self_mask,
-                                           dropout_p=attn_drop, scale=sa.scaling)
+        q = _heads(sa.q_proj(x), H)
+        if key_spans:
+            a = torch.cat([F.scaled_dot_product_attention(
+                q[r0:r1], _heads(sa.k_proj(h[r0:r1, :n]), H), _heads(sa.v_proj(h[r0:r1, :n]), H),
+                attn_mask=self_mask[r0:r1, :, :, :n], dropout_p=attn_drop, scale=sa.scaling)
+                for r0, r1, n in key_spans])
+        else:
+            src = h if kv_len is None else h[:, :kv_len]
+            k, v = _heads(sa.k_proj(src), H), _heads(sa.v_proj(src), H)
+            if new_kv is not None:
+                new_kv.append((k, v))
+            if past is not None:
+                k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=attn_drop, scale=sa.scaling)
         x = layer.self_attn_layer_norm(x + F.dropout(sa.out_proj(_merge(a)), p=drop, training=self.training))
         ca = layer.encoder_attn
         a = _shared_source_attention(_heads(ca.q_proj(x), H), *cross, cross_mask, attn_drop, ca.scaling, interleaved)
@@ -261,7 +270,7 @@ class JanusBart(nn.Module):
         row_mask = streams.self_mask.gather(
             2, streams.out_rows[:, None, :, None].expand(-1, 1, -1, streams.self_mask.shape[-1]))
         return self.decoder_layers(h, streams.self_mask, self.cross_kv(encoder_out), self.cross_mask(attention_mask),
-                                   last_rows=streams.out_rows, last_mask=row_mask)
+                                   last_rows=streams.out_rows, last_mask=row_mask, key_spans=streams.key_spans)
 
     @staticmethod
     def cross_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -269,13 +278,14 @@ class JanusBart(nn.Module):
 
     def decoder_layers(self, h: torch.Tensor, self_mask: torch.Tensor | None, cross: list, cross_mask: torch.Tensor,
                        last_rows: torch.Tensor | None = None, last_mask: torch.Tensor | None = None,
-                       interleaved: bool = False) -> torch.Tensor:
-        """The decoder stack; the last layer may compute only ``last_rows`` (with ``last_mask``)."""
+                       interleaved: bool = False, key_spans: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+        """The decoder stack; the last layer may compute only ``last_rows`` (with ``last_mask``);
+        ``key_spans``: see ``_layer``."""
         layers = self.model.decoder.layers
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1 and last_rows is not None
             args = (layer, h, last_mask if last else self_mask, cross[i], cross_mask, last_rows if last else None,
-                    None, None, None, interleaved)
+                    None, None, None, interleaved, key_spans)
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(self._layer, *args, use_reentrant=False)
             else:

@@ -21,6 +21,13 @@ Every token gets three integer attributes (segment, order index ``k``, position)
 rule of docs/attention.md is then an elementwise comparison of row attributes against column
 attributes, giving one boolean mask ``[R, 1, L, L]`` (True = may attend) for all layers
 and heads. No Python loop over samples.
+
+Key spans: no token ever attends a query slot (AR queries, AUX queries), so keys/values are
+needed only for a prefix of each half: the N content slots of the AR half and the N + M
+(CMLM block + true tokens; N without AUX) slots of the NAR/AUX half. ``key_spans`` records
+``(first row, end row, keys)`` per half; the decoder projects keys/values and attends only
+over those prefixes (same outputs for every real row, fewer FLOPs). Pad rows may attend every
+column, so their softmax stays finite over any key prefix; no real row ever attends a pad.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ class DecoderStreams:
     masked_order: torch.Tensor  # [B, M] label index of the k-th masked token of each sample
     masked_valid: torch.Tensor  # [B, M] k < m_b
     target_valid: torch.Tensor  # [B, N] labels != pad
+    key_spans: tuple[tuple[int, int, int], ...] = ()  # (row start, row end, key prefix) per half; () = all keys
 
     @property
     def nar_half(self) -> slice:
@@ -74,10 +82,9 @@ def attention_mask_from_attributes(seg: torch.Tensor, k: torch.Tensor) -> torch.
     allow |= (cs == MASK_SLOT) & (row_ctx | (row_true & (ck > rk)) | (row_query & (ck >= rk)))
     allow |= (cs == TRUE_SLOT) & ((row_true & (ck <= rk)) | (row_query & (ck < rk)))
     allow |= (cs == AR_CONTENT) & ((rs == AR_CONTENT) | (rs == AR_QUERY)) & (ck <= rk)
-    # Pad rows attend only themselves so their softmax stays finite; no real row sees them.
-    L = seg.shape[1]
-    diag = torch.eye(L, dtype=torch.bool, device=seg.device)
-    allow |= (~row_real) & diag
+    # Pad rows attend every column, so their softmax stays finite over any key prefix (see
+    # ``key_spans``); no real row attends a pad column.
+    allow |= ~row_real
     return allow.unsqueeze(1)
 
 
@@ -118,7 +125,9 @@ def build_streams(
     masked_valid = kk < dm.sum(1, keepdim=True)
 
     parts = []  # (tokens, positions, segments, k, out_rows)
+    key_spans = []
     if ar:
+        key_spans.append((0, B, N))  # content slots only: nobody attends the queries
         shifted = torch.cat([torch.full((B, 1), start_id, dtype=labels.dtype, device=device), labels[:, :-1]], 1)
         tok = torch.cat([torch.where(valid, shifted, pad_id), torch.where(valid, mask_id, pad_id)], 1)
         pos = torch.cat([ar_idx, ar_idx + 1], 1)
@@ -126,6 +135,8 @@ def build_streams(
         parts.append((tok, pos, seg, torch.cat([ar_idx, ar_idx], 1), ar_idx + N))
     aux_offset = M if nar else 0
     if need_nar_half:
+        start = B if ar else 0
+        key_spans.append((start, start + B, N + (M if aux else 0)))  # the CMLM block (+ true tokens)
         tok = [torch.where(dm, mask_id, labels)]
         pos = [ar_idx + 1]
         seg = [torch.where(valid, torch.where(dm, MASK_SLOT, UNMASKED), PAD)]
@@ -162,4 +173,5 @@ def build_streams(
         masked_order=order,
         masked_valid=masked_valid,
         target_valid=valid,
+        key_spans=tuple(key_spans),
     )

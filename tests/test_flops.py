@@ -26,12 +26,12 @@ def test_hand_count_tiny_config():
     enc = 2 * 152
     # Cross-attention keys/values: 1 layer x 3 source slots x 2*16.
     cross_kv = 3 * 32
-    # The single decoder layer is the last one: keys/values of every token (2*16 each), then per
+    # The single decoder layer is the last one: keys/values of the key tokens (2*16 each), then per
     # output row q,o 32 + self scores/values 2*keys*4 + cross q,o 32 + cross scores/values 2*3*4 + FFN 64.
-    # AR half: 4 tokens (2 content + 2 query), 2 output rows (queries), 4 keys.
-    ar = 4 * 32 + 2 * (32 + 2 * 4 * 4 + 32 + 24 + 64)
-    # NAR/AUX half: N + 2M = 4 tokens, output rows M (NAR) + M (AUX) = 2, 4 keys.
-    nar = 4 * 32 + 2 * (32 + 2 * 4 * 4 + 32 + 24 + 64)
+    # AR half: 4 tokens (2 content + 2 query), 2 output rows (queries), 2 keys (the content slots).
+    ar = 2 * 32 + 2 * (32 + 2 * 2 * 4 + 32 + 24 + 64)
+    # NAR/AUX half: N + 2M = 4 tokens, output rows M (NAR) + M (AUX) = 2, 3 keys (N block + true token).
+    nar = 3 * 32 + 2 * (32 + 2 * 3 * 4 + 32 + 24 + 64)
     # Vocabulary: 2 AR + 1 NAR + 1 AUX logit rows x D*V = 40.
     vocab = 4 * 40
     assert flops == 3 * 2 * (enc + cross_kv + ar + nar + vocab)

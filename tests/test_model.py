@@ -181,3 +181,29 @@ def test_overfits_a_fixed_batch_with_the_janus_preset():
         peak = max(h[term] for h in history)
         assert last[term] < 0.5 * peak, (term, peak, last[term])
     assert last["total"] < 0.1 * first["total"]
+
+
+def test_key_spans_change_no_real_output_and_keep_pad_rows_finite():
+    """Keys/values only over each half's attended prefix (``key_spans``) give the same states as
+    attending every column, at every real output row, for every pattern subset; pad rows stay finite
+    and the gradients finite (NaN rows would poison them through 0 * NaN)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    config = tiny_bart_config(dropout=0.0)
+    model = JanusBart(config).double()
+    x, am, y, dm = _random_batch(config.vocab_size, N=12)
+    enc = model.encode(x, am)
+    for ar, nar, aux in [(1, 1, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (0, 1, 0), (1, 0, 0)]:
+        s = build_streams(y, dm, pad_id=PAD, mask_id=config.vocab_size - 1, start_id=START, ar=bool(ar),
+                          nar=bool(nar), aux=bool(aux))
+        assert s.key_spans and s.key_spans[-1][1] == s.tokens.shape[0]
+        full = model.run_decoder(dataclasses.replace(s, key_spans=()), enc, am)
+        spans = model.run_decoder(s, enc, am)
+        assert torch.isfinite(spans).all()
+        real = s.segments.gather(1, s.out_rows) != 6  # segment PAD = 6
+        torch.testing.assert_close(spans[real], full[real], rtol=1e-10, atol=1e-10)
+    model.train()
+    out = model(x, am, y, dm, objective=ObjectiveConfig.from_preset("janus"))
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
