@@ -38,7 +38,9 @@ So on a model whose drafts are useless the draft passes become logarithmically r
 14, 31, 64, ... with the defaults) and the cost tends to plain greedy's. The costs and the back-off
 state live in a ``SpecGuard``; passed to successive calls (``finetune.generate`` keeps one per
 file, ``benchmarks.decode_latency`` one per timed file), what it learnt on one source carries to
-the next: on short outputs a fresh start per source would pay a few failed probes every source.
+the next: while most recent fresh drafts paid (a moving average), a new source drafts at once;
+otherwise it starts inside the last back-off pause, since on short outputs a fresh start per source
+would pay a few failed probes every source.
 
 **Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32 (the score
 summed sequentially in float32, as the verifier sums it too). But one pass over many positions is
@@ -133,14 +135,27 @@ class SpecConfig:
 
 class SpecGuard:
     """The adaptive guard's memory, kept across ``speculative_decode`` calls: exponential moving
-    averages of the measured per-row ms of a draft pass, a verification and a greedy-like step, and
-    the back-off state (pause length, cycles left in it, probe window) that new rows start from."""
+    averages of the measured per-row ms of a draft pass, a verification and a greedy-like step, of
+    the share of fresh drafts that paid, and the back-off state (pause length, cycles left in it,
+    probe window) of the last finished row. New rows draft at once while most recent drafts paid;
+    otherwise they start from that back-off state."""
 
     EMA = 0.3  # weight of the newest measurement
 
     def __init__(self, cfg: SpecConfig):
+        self.cfg = cfg
         self.ms: dict[str, float] = {}
+        self.paid = 1.0  # share of recent fresh drafts that paid (optimistic start)
         self.pause, self.cool, self.probe = cfg.backoff, 0, cfg.window
+
+    def start(self) -> tuple[int, int, int]:
+        """(cool, pause, probe) for new rows."""
+        if self.paid >= 0.5:
+            return 0, self.cfg.backoff, self.cfg.window
+        return self.cool, self.pause, self.probe
+
+    def outcome(self, paid_share: float) -> None:
+        self.paid = (1 - self.EMA) * self.paid + self.EMA * paid_share
 
     def observe(self, kind: str, seconds: float, rows: int) -> None:
         x = 1000.0 * seconds / max(rows, 1)
@@ -155,7 +170,8 @@ class SpecGuard:
         return max(2, math.ceil((d + v) / g - 1 - 1e-9))
 
     def state(self) -> dict:
-        return {"guard_min_accept": self.min_accept(), **{f"guard_{k}_ms_per_row": v for k, v in self.ms.items()}}
+        return {"guard_min_accept": self.min_accept(), "guard_paid_share": self.paid,
+                **{f"guard_{k}_ms_per_row": v for k, v in self.ms.items()}}
 
 
 class _Verifier:
@@ -378,9 +394,10 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     fresh = torch.zeros(B, dtype=torch.bool, device=dev)
     win = torch.full((B,), window, dtype=torch.long, device=dev)
     guard = guard if guard is not None else SpecGuard(cfg)
-    cool = torch.full((B,), guard.cool if cfg.adaptive else 0, dtype=torch.long, device=dev)
-    pause = torch.full((B,), guard.pause, dtype=torch.long, device=dev)
-    probe = torch.full((B,), guard.probe if cfg.adaptive else window, dtype=torch.long, device=dev)  # next fresh draft's window
+    cool0, pause0, probe0 = guard.start() if cfg.adaptive else (0, cfg.backoff, window)
+    cool = torch.full((B,), cool0, dtype=torch.long, device=dev)
+    pause = torch.full((B,), pause0, dtype=torch.long, device=dev)
+    probe = torch.full((B,), probe0, dtype=torch.long, device=dev)  # window of the next fresh draft
     verifications = torch.zeros(B, dtype=torch.long, device=dev)
     replays: dict[int, _Replay] = {}
     st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
@@ -512,6 +529,10 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
                 full = had & (acc == w)
                 win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
                 fresh_fail = had & fresh & (acc < guard.min_accept())  # a draft that saved less than it cost
+                if drafted_rows:
+                    n_fresh = int((had & fresh).sum())
+                    if n_fresh:
+                        guard.outcome(1.0 - int(fresh_fail.sum()) / n_fresh)
                 cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
                 pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
                                     torch.where(had & fresh, cfg.backoff, pause))

@@ -302,7 +302,15 @@ def test_guard_state_carries_over_calls(monkeypatch):
         assert torch.equal(tokens, greedy_alone(model, x[i:i + 1], am[i:i + 1], cfg))
     assert first[0][2]["draft_passes"] == fresh[2]["draft_passes"] == 3  # cycles 0, 5, 14
     assert first[1][2]["draft_passes"] < fresh[2]["draft_passes"]  # the second source starts paused
-    assert guard.pause > cfg.backoff
+    assert guard.pause > cfg.backoff and guard.paid < 0.5
+    # Drafts that pay: a new source drafts at once (one failed probe elsewhere does not pause it).
+    monkeypatch.undo()
+    good = SpecGuard(cfg)
+    good.pause, good.cool = 32, 20
+    tokens, _, st = speculative_decode(model, x[:1], am[:1], cfg, drafter=_prefix_drafter(
+        greedy_alone(model, x[:1], am[:1], cfg), 60), guard=good)
+    assert torch.equal(tokens, greedy_alone(model, x[:1], am[:1], cfg))
+    assert good.start() == (0, cfg.backoff, cfg.window) and st["draft_passes"] >= 1 and st["verify_passes"] < 10
 
 
 def test_models_without_length_head_draft_a_fixed_window():
