@@ -30,17 +30,20 @@ tokens it got accepted saved more than the draft pass and the verification cost:
 per-row costs of a draft pass ``D``, a verification ``V`` and a plain greedy-like step ``G`` (wall
 clock, read at the points where the loop synchronises anyway), a fresh draft committing ``a + 1``
 tokens pays when ``a + 1 >= (D + V) / G``, i.e. ``a >= max(2, ceil((D + V) / G - 1))`` (2 until a
-greedy-like step has been timed). When a fresh draft does not pay, the row stops drafting for
+greedy-like step has been timed). The costs are measured, and this threshold applies, while one
+row is decoding (batch 1, or the last row of a batch): in a larger batch a row that stops drafting
+still rides along in the others' verification passes, so pausing it saves little, and a fresh draft
+there pays from 2 accepted tokens. When a fresh draft does not pay, the row stops drafting for
 ``backoff`` cycles (plain greedy-like steps: one content token + one query, window 0, through a
 lean code path), the pause doubles after each further failure up to ``max_backoff``, and the next
 probe drafts and verifies a quarter of the window (at least 2); a fresh draft that pays resets both.
 So on a model whose drafts are useless the draft passes become logarithmically rare (cycles 0, 5,
 14, 31, 64, ... with the defaults) and the cost tends to plain greedy's. The costs and the back-off
 state live in a ``SpecGuard``; passed to successive calls (``finetune.generate`` keeps one per
-file, ``benchmarks.decode_latency`` one per timed file), what it learnt on one source carries to
-the next: while most recent fresh drafts paid (a moving average), a new source drafts at once;
-otherwise it starts inside the last back-off pause, since on short outputs a fresh start per source
-would pay a few failed probes every source.
+file, ``benchmarks.decode_latency`` one per timed file), what it learnt on one batch-1 source
+carries to the next: while most recent fresh drafts paid (a moving average), a new source drafts
+at once; otherwise it starts inside the last back-off pause, since on short outputs a fresh start
+per source would pay a few failed probes every source. Batches of several rows start fresh.
 
 **Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32 (the score
 summed sequentially in float32, as the verifier sums it too). But one pass over many positions is
@@ -394,7 +397,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     fresh = torch.zeros(B, dtype=torch.bool, device=dev)
     win = torch.full((B,), window, dtype=torch.long, device=dev)
     guard = guard if guard is not None else SpecGuard(cfg)
-    cool0, pause0, probe0 = guard.start() if cfg.adaptive else (0, cfg.backoff, window)
+    # What the guard learnt carries over between batch-1 calls only (see the module docstring).
+    cool0, pause0, probe0 = guard.start() if cfg.adaptive and B == 1 else (0, cfg.backoff, window)
     cool = torch.full((B,), cool0, dtype=torch.long, device=dev)
     pause = torch.full((B,), pause0, dtype=torch.long, device=dev)
     probe = torch.full((B,), probe0, dtype=torch.long, device=dev)  # window of the next fresh draft
@@ -458,8 +462,8 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
         w = torch.minimum(torch.minimum(win, dlen), max_len - 1 - L).clamp(min=0)
         W = int(w.max())
         t_verify = time.perf_counter()
-        if drafted_rows:
-            guard.observe("draft", t_verify - t_top, drafted_rows)
+        if drafted_rows and R == 1:
+            guard.observe("draft", t_verify - t_top, 1)
         st["verify_passes"] += 1
         st["row_passes"] += R
         st["verifications"] += R
@@ -528,11 +532,9 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             if cfg.adaptive:
                 full = had & (acc == w)
                 win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
-                fresh_fail = had & fresh & (acc < guard.min_accept())  # a draft that saved less than it cost
-                if drafted_rows:
-                    n_fresh = int((had & fresh).sum())
-                    if n_fresh:
-                        guard.outcome(1.0 - int(fresh_fail.sum()) / n_fresh)
+                fresh_fail = had & fresh & (acc < (guard.min_accept() if R == 1 else 2))  # saved less than it cost
+                if drafted_rows and R == 1 and bool(had[0]):
+                    guard.outcome(0.0 if bool(fresh_fail[0]) else 1.0)
                 cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
                 pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
                                     torch.where(had & fresh, cfg.backoff, pause))
@@ -540,11 +542,11 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             fresh = torch.zeros_like(fresh)
         done = (last == eos) | (L >= max_len)
         any_done = bool(done.any())
-        if cfg.adaptive and not replayed:
-            guard.observe("verify" if W else "lean", time.perf_counter() - t_verify, R)
+        if cfg.adaptive and not replayed and R == 1:
+            guard.observe("verify" if W else "lean", time.perf_counter() - t_verify, 1)
         if any_done:
             fin = done.nonzero().squeeze(1)
-            if cfg.adaptive:  # the next call's rows start from the back-off state of a finished row
+            if cfg.adaptive and B == 1:  # the next call's row may start from this back-off state
                 f0 = int(fin[0])
                 guard.pause, guard.cool, guard.probe = int(pause[f0]), int(cool[f0]), int(probe[f0])
             out[idx[fin]] = toks[fin, :max_len]
