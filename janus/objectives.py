@@ -13,6 +13,7 @@ losses need no device -> host synchronisation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -269,13 +270,38 @@ class _ChunkSpec:
     autocast: bool  # logits as autocast would make them (bf16 matmul, fp32 bias add)
 
 
-def _logits(spec: _ChunkSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of rows ``x`` (already in the compute dtype); ``weight`` in the compute dtype."""
+def _logits(spec: _ChunkSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            ws: "_Workspace | None" = None) -> torch.Tensor:
+    """fp32 logits of rows ``x`` (already in the compute dtype); ``weight`` in the compute dtype.
+    Full-precision logits are written into the workspace's reused buffer."""
     if spec.autocast:
         z = _at_least_fp32(torch.mm(x, weight.t()))
         return z if bias is None else z.add_(bias.to(z.dtype))
+    if ws is not None and weight.dtype in (torch.float32, torch.float64):
+        out = ws.get("z", (x.shape[0], weight.shape[0]), weight)
+        if bias is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(bias.to(weight.dtype), x, weight.t(), out=out)
     z = F.linear(x, weight, None if bias is None else bias.to(weight.dtype))
     return _at_least_fp32(z)
+
+
+class _Workspace:
+    """Scratch buffers of one chunked pass, reused chunk after chunk. Without it every chunk
+    allocates several fresh ``[rows, vocab]`` tensors; a CPU allocator hands large blocks back to
+    the system on free (glibc: above 32 MB), so each would be page-faulted in again (measured:
+    ~5x the cost of the arithmetic on them). The CUDA caching allocator reuses blocks anyway."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        n = math.prod(shape)
+        b = self._bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != like.device:
+            b = self._bufs[name] = torch.empty(n, dtype=dtype, device=like.device)
+        return b[:n].view(shape)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -284,13 +310,15 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _group_pass(spec: _ChunkSpec, patterns: tuple[str, ...], kl_terms, x: torch.Tensor, t: torch.Tensor,
-                weight: torch.Tensor, bias: torch.Tensor | None, coef: dict | None, sums: dict | None):
+                weight: torch.Tensor, bias: torch.Tensor | None, coef: dict | None, sums: dict | None,
+                ws: _Workspace):
     """One chunk: ``x`` [P, g, D] rows (compute dtype) of P patterns x g positions, targets
     ``t`` [g]. Adds each term's sum over the chunk to ``sums`` and, given ``coef`` (term ->
     multiplier, python float or 0-dim tensor), returns the gradient of ``sum_term coef *
     term_sum`` w.r.t. the chunk's logits, [P, g, V] (fp32; None without ``coef``)."""
     P, g, D = x.shape
-    lp = F.log_softmax(_logits(spec, x.reshape(P * g, D), weight, bias), dim=-1).view(P, g, -1)
+    z = _logits(spec, x.reshape(P * g, D), weight, bias, ws)
+    lp = torch.log_softmax(z, dim=-1, out=ws.get("lp", tuple(z.shape), z)).view(P, g, -1)
     V = lp.shape[-1]
     eps = spec.eps
     if sums is not None:
@@ -307,14 +335,15 @@ def _group_pass(spec: _ChunkSpec, patterns: tuple[str, ...], kl_terms, x: torch.
     for term, a, b in kl_terms:
         key, sign = ((a, b), 1.0) if (a, b) in _KL_PAIRS else ((b, a), -1.0)
         if key not in diffs:
-            diffs[key] = lp[col[key[0]]] - lp[col[key[1]]]
+            diffs[key] = torch.sub(lp[col[key[0]]], lp[col[key[1]]], out=ws.get(f"diff{len(diffs)}", (g, V), lp))
         signed[term] = (key, sign)
     p = lp.exp_()  # in place: the differences above are separate tensors
     del lp
+    tmp = ws.get("z", (g, V), p)  # the logits are spent: their buffer holds products, then the gradient
     kl_rows: dict[str, torch.Tensor] = {}
     for term, a, b in kl_terms:
         key, sign = signed[term]
-        kl_rows[term] = (p[col[a]] * diffs[key]).sum(-1)
+        kl_rows[term] = torch.mul(p[col[a]], diffs[key], out=tmp).sum(-1)
         if sign < 0:
             kl_rows[term] = -kl_rows[term]
         if sums is not None:
@@ -324,7 +353,7 @@ def _group_pass(spec: _ChunkSpec, patterns: tuple[str, ...], kl_terms, x: torch.
     # d nll_smoothed / d z = p - q with q = (1 - eps) onehot(t) + eps / V;
     # d KL(a||b) / d z_a = p_a * (lp_a - lp_b - KL(a||b));  d KL(a||b) / d z_b = p_b - p_a. So
     # grad_n = p_n * (sum_b c_nb (lp_n - lp_b) + c_n + sum_a c_an - sum_b c_nb KL_nb) - sum_a c_an p_a - c_n q.
-    grad = torch.empty_like(p) if kl_terms else p  # NLL only: p itself becomes the gradient
+    grad = ws.get("z", tuple(p.shape), p) if kl_terms else p  # NLL only: p itself becomes the gradient
     for j, name in enumerate(patterns):
         out_kl = [term for term, a, _ in kl_terms if a == name]
         in_kl = [(term, col[a]) for term, a, b in kl_terms if b == name]
@@ -388,6 +417,7 @@ class _VocabPass:
                               if grad_bias else None)}
         parts = [("groups", self.h_groups, self.t_groups, spec.patterns, spec.kl_terms),
                  ("single", self.h_single, self.t_single, ("ar",), ())]
+        ws = _Workspace()
         for key, h, t, patterns, kl_terms in parts:
             if h.shape[0] == 0:
                 continue
@@ -396,7 +426,7 @@ class _VocabPass:
             for s in range(0, h.shape[0], step):
                 hc = h[s:s + step]  # [g, P, D]
                 x = hc.transpose(0, 1).to(cd).contiguous()  # [P, g, D]: one pattern's rows contiguous
-                grad_z = _group_pass(spec, patterns, kl_terms, x, t[s:s + step], w, self.bias, coef, sums)
+                grad_z = _group_pass(spec, patterns, kl_terms, x, t[s:s + step], w, self.bias, coef, sums, ws)
                 if grad_z is None:
                     continue
                 gz = grad_z.view(-1, grad_z.shape[-1])
