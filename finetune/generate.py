@@ -67,7 +67,8 @@ def decode_lines(model: JanusBart, tokenizer, sources: list[str], *, mode: str, 
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}: must be an integer >= 1")
     beam, nar, spec = beam or BeamConfig(), nar or MaskPredictConfig(), spec or SpecConfig()
-    guard = guard if guard is not None else SpecGuard(spec)
+    if mode == "spec" and guard is None:
+        guard = SpecGuard(spec)
     dev = next(model.parameters()).device
     max_source_length = min(max_source_length, model.config.max_position_embeddings)
     enc = tokenizer(sources, add_special_tokens=True, truncation=True, max_length=max_source_length)["input_ids"]

@@ -295,12 +295,12 @@ class _Workspace:
     def __init__(self):
         self._bufs: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or like.dtype
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A ``shape`` view of buffer ``name`` with ``like``'s dtype and device (grown when needed)."""
         n = math.prod(shape)
         b = self._bufs.get(name)
-        if b is None or b.numel() < n or b.dtype != dtype or b.device != like.device:
-            b = self._bufs[name] = torch.empty(n, dtype=dtype, device=like.device)
+        if b is None or b.numel() < n or b.dtype != like.dtype or b.device != like.device:
+            b = self._bufs[name] = torch.empty(n, dtype=like.dtype, device=like.device)
         return b[:n].view(shape)
 
 
