@@ -89,7 +89,8 @@ class Setup:
         self.cpu_batch = cpu_batch
         self.counts = host_counts(cpu_batch[2], cpu_batch[3], self.config.pad_token_id)
         self.batch = [t.to(self.device) for t in cpu_batch]
-        self.objective = ObjectiveConfig(preset=args.preset)
+        self.objective = ObjectiveConfig(preset=args.preset, **(
+            {} if args.loss_chunk_rows is None else {"loss_chunk_rows": args.loss_chunk_rows}))
         self.unchunked = ObjectiveConfig(preset=args.preset, loss_chunk_rows=0)
         self.steps = {}
         torch.manual_seed(0)
@@ -287,6 +288,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="measured steps per variant, median reported (default 3; "
                                                             "--small: 1)")
     p.add_argument("--preset", default="janus")
+    p.add_argument("--loss-chunk-rows", type=int, default=None,
+                   help="logit rows per chunk of the 'janus' variant (default: the objective's default)")
     p.add_argument("--ratio", type=float, default=0.5, help="decoder mask ratio")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",

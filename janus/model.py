@@ -3,9 +3,10 @@
 The parameters are exactly BART's (``model.*``, ``final_logits_bias``, tied ``lm_head``),
 so a ``facebook/bart-base`` folder loads with no missing or unexpected keys; the only
 JANUS-only parameters are those of the optional length head (``length_head.*``).
-The encoder is HF's ``BartEncoder``; the decoder reuses HF's decoder layer modules but
-runs its own forward so that both streams of both patterns share one SDPA call per layer
-with a boolean mask, and the last layer computes only the rows whose outputs are used.
+Encoder and decoder reuse HF's layer modules but run their own forward (HF's function):
+both streams of both patterns share one SDPA call per layer with a boolean mask, the last
+decoder layer computes only the rows whose outputs are used, and the activation memory kept
+for backward is trimmed (``janus.layers``: 1-byte dropout masks, FFN activation recomputed).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BartConfig, BartForConditionalGeneration, BartModel
 
+from janus.layers import dropout, lean_bart
 from janus.objectives import ObjectiveConfig, janus_losses
 from janus.streams import DecoderStreams, build_streams
 
@@ -118,6 +120,7 @@ class JanusBart(nn.Module):
         config._attn_implementation = "sdpa"
         self.config = config
         self.model = bart if bart is not None else BartModel(config)
+        lean_bart(self.model)  # same parameters and function, less activation memory (janus.layers)
         bias = final_logits_bias if final_logits_bias is not None else torch.zeros(1, config.vocab_size)
         self.register_buffer("final_logits_bias", bias.detach().clone())
         self.lm_head = VocabHead(config.d_model, config.vocab_size, bias=False)
@@ -200,7 +203,35 @@ class JanusBart(nn.Module):
 
     # ------------------------------------------------------------------ encoder side
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """HF BART's encoder function on its modules, run by this class: a 2-D or 4-D boolean
+        mask goes to SDPA as is (no host-side padding check), dropout keeps 1-byte masks
+        (``janus.layers``), fp16 overflow is clamped without a host sync, and
+        ``gradient_checkpointing`` covers the encoder layers too."""
+        enc = self.model.encoder
+        mask = attention_mask.bool() if attention_mask.dim() == 4 else self.cross_mask(attention_mask)
+        h = enc.layernorm_embedding(enc.embed_tokens(input_ids) + enc.embed_positions(input_ids))
+        h = dropout(h, enc.dropout, self.training)
+        for layer in enc.layers:
+            if self.training and enc.layerdrop > 0.0 and torch.rand([]) < enc.layerdrop:
+                continue  # LayerDrop, as HF's encoder
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(self._encoder_layer, layer, h, mask, use_reentrant=False)
+            else:
+                h = self._encoder_layer(layer, h, mask)
+        return h
+
+    def _encoder_layer(self, layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One post-LN BART encoder layer (HF's ``BartEncoderLayer`` function)."""
+        H, sa, train = self.config.encoder_attention_heads, layer.self_attn, self.training
+        a = F.scaled_dot_product_attention(_heads(sa.q_proj(h), H), _heads(sa.k_proj(h), H), _heads(sa.v_proj(h), H),
+                                           attn_mask=mask, dropout_p=sa.dropout if train else 0.0, scale=sa.scaling)
+        h = layer.self_attn_layer_norm(h + dropout(sa.out_proj(_merge(a)), layer.dropout, train))
+        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(h)), layer.activation_dropout, train))
+        h = layer.final_layer_norm(h + dropout(f, layer.dropout, train))
+        if h.dtype == torch.float16:  # HF clamps an overflowed fp16 layer output; same values, no sync
+            big = torch.finfo(torch.float16).max - 1000
+            h = h.clamp(-big, big)
+        return h
 
     def length_logits(self, encoder_out: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Length head: mean of the non-pad encoder states -> logits over lengths 0..L_max."""
@@ -221,7 +252,7 @@ class JanusBart(nn.Module):
         dec = self.model.decoder
         pos = dec.embed_positions(tokens, position_ids=positions).squeeze(0)
         h = dec.layernorm_embedding(dec.embed_tokens(tokens) + pos)
-        return F.dropout(h, p=self.config.dropout, training=self.training)
+        return dropout(h, self.config.dropout, self.training)
 
     def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor | None, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
@@ -238,15 +269,17 @@ class JanusBart(nn.Module):
         rows): each row range attends only its first ``keys`` tokens, whose keys/values alone
         are projected (``DecoderStreams.key_spans``)."""
         H = self.config.decoder_attention_heads
-        drop, attn_drop = self.config.dropout if self.training else 0.0, self.config.attention_dropout if self.training else 0.0
+        train = self.training
+        drop, attn_drop = self.config.dropout, self.config.attention_dropout if train else 0.0
         sa = layer.self_attn
         x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         q = _heads(sa.q_proj(x), H)
         if key_spans:
+            srcs = [(r0, r1, n, h[r0:r1, :n].contiguous()) for r0, r1, n in key_spans]  # one copy for k and v
             a = torch.cat([F.scaled_dot_product_attention(
-                q[r0:r1], _heads(sa.k_proj(h[r0:r1, :n]), H), _heads(sa.v_proj(h[r0:r1, :n]), H),
+                q[r0:r1], _heads(sa.k_proj(src), H), _heads(sa.v_proj(src), H),
                 attn_mask=self_mask[r0:r1, :, :, :n], dropout_p=attn_drop, scale=sa.scaling)
-                for r0, r1, n in key_spans])
+                for r0, r1, n, src in srcs])
         else:
             src = h if kv_len is None else h[:, :kv_len]
             k, v = _heads(sa.k_proj(src), H), _heads(sa.v_proj(src), H)
@@ -255,13 +288,12 @@ class JanusBart(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=attn_drop, scale=sa.scaling)
-        x = layer.self_attn_layer_norm(x + F.dropout(sa.out_proj(_merge(a)), p=drop, training=self.training))
+        x = layer.self_attn_layer_norm(x + dropout(sa.out_proj(_merge(a)), drop, train))
         ca = layer.encoder_attn
         a = _shared_source_attention(_heads(ca.q_proj(x), H), *cross, cross_mask, attn_drop, ca.scaling, interleaved)
-        x = layer.encoder_attn_layer_norm(x + F.dropout(ca.out_proj(_merge(a)), p=drop, training=self.training))
-        f = layer.activation_fn(layer.fc1(x))
-        f = F.dropout(f, p=self.config.activation_dropout if self.training else 0.0, training=self.training)
-        return layer.final_layer_norm(x + F.dropout(layer.fc2(f), p=drop, training=self.training))
+        x = layer.encoder_attn_layer_norm(x + dropout(ca.out_proj(_merge(a)), drop, train))
+        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(x)), layer.activation_dropout, train))
+        return layer.final_layer_norm(x + dropout(f, drop, train))
 
     def run_decoder(self, streams: DecoderStreams, encoder_out: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:

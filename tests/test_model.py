@@ -1,3 +1,5 @@
+import copy
+
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, BartModel
 
@@ -59,7 +61,7 @@ def test_encoder_and_content_stream_match_hf_bart():
     torch.manual_seed(0)
     config = tiny_bart_config(scale_embedding=True, dropout=0.0)
     hf = BartModel(config).eval()
-    model = JanusBart(config, bart=hf).eval()
+    model = JanusBart(config, bart=copy.deepcopy(hf)).eval()  # the wrapped copy gets janus.layers' fc2
     x, am, y, _ = _random_batch(config.vocab_size)
     with torch.no_grad():
         ref = hf(input_ids=x, attention_mask=am, decoder_input_ids=torch.cat(
