@@ -6,7 +6,9 @@ threads and optimizer (AdamW); a step is forward + backward + optimizer step:
 * ``bart``: HF ``BartForConditionalGeneration`` (teacher-forced cross-entropy);
 * ``janus``: JanusBart with the objective's default chunked vocabulary losses;
 * ``janus_unchunked``: the same model and objective with ``loss_chunk_rows=0`` (every logit
-  row at once; the "before" of the chunked losses).
+  row at once);
+* ``janus_before``: unchunked losses on ``JanusBart(lean_activations=False)`` (HF's plain
+  FFN, LayerNorm and dropout modules): the step as it was before either memory change.
 
 Step time: the variants' steps are interleaved in one process so machine noise hits all
 alike (median of ``--steps``; CUDA timings are bracketed by ``torch.cuda.synchronize``).
@@ -25,7 +27,8 @@ dtype ("CPU MFU" on a CPU); on a known GPU ``mfu_vs_spec`` uses its datasheet pe
     python -m benchmarks.train_step --device cuda --dtype bfloat16
 
 Prints one JSON object per variant group and the summary on the last line;
-``janus_over_bart`` (step time) and ``chunked_over_unchunked_memory`` are the key figures.
+``janus_over_bart`` (step time) and ``janus_over_before_memory`` (step peak memory against
+the step before the chunked losses and lean activations) are the key figures.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ DIMS = {
     "bart-base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                       decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265),
 }
-VARIANTS = ("bart", "janus", "janus_unchunked")
+VARIANTS = ("bart", "janus", "janus_unchunked", "janus_before")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # glibc: blocks above this size are mmap'ed and returned on free, so the resident set follows
 # the live tensors (set for the memory-probe subprocesses only).
@@ -99,15 +102,17 @@ class Setup:
             if args.gradient_checkpointing:
                 hf.gradient_checkpointing_enable()
             self.steps["bart"] = self._step(hf, lambda x, am, y, dm: hf(input_ids=x, attention_mask=am, labels=y).loss)
-        janus_variants = [v for v in variants if v.startswith("janus")]
-        if janus_variants:
+        for lean in (True, False):
+            janus_variants = [v for v in variants if v.startswith("janus") and (v != "janus_before") == lean]
+            if not janus_variants:
+                continue
             torch.manual_seed(0)
-            janus = JanusBart(self.config).to(self.device).train()
+            janus = JanusBart(self.config, lean_activations=lean).to(self.device).train()
             janus.gradient_checkpointing = args.gradient_checkpointing
             opt = torch.optim.AdamW(janus.parameters(), lr=1e-5)
-            for v in janus_variants:  # one model and optimizer; the variants differ in the objective only
+            for v in janus_variants:  # the lean model's variants share it and its optimizer
                 objective = self.objective if v == "janus" else self.unchunked
-                self.steps[v] = self._step(janus, lambda x, am, y, dm, o=objective: janus(
+                self.steps[v] = self._step(janus, lambda x, am, y, dm, o=objective, m=janus: m(
                     x, am, y, dm, objective=o, host_counts=self.counts).loss, opt)
 
     def _step(self, model, loss_fn, opt=None):
@@ -223,8 +228,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> fl
 
 # ----------------------------------------------------------------------------- main
 def memory_summary(memory: dict) -> dict:
-    j, u, b = (memory[v]["peak_mem_mb"] for v in ("janus", "janus_unchunked", "bart"))
-    return {"chunked_over_unchunked_memory": j / u, "janus_over_bart_memory": j / b}
+    j, u, b, o = (memory[v]["peak_mem_mb"] for v in ("janus", "janus_unchunked", "bart", "janus_before"))
+    return {"chunked_over_unchunked_memory": j / u, "janus_over_before_memory": j / o, "janus_over_bart_memory": j / b}
 
 
 def bench(args, argv: list[str]) -> dict:
@@ -271,6 +276,8 @@ def bench(args, argv: list[str]) -> dict:
         "janus_over_bart": j["step_s"] / b["step_s"],
         "janus_unchunked_over_bart": u["step_s"] / b["step_s"],
         "chunked_over_unchunked_time": j["step_s"] / u["step_s"],
+        "janus_over_before_time": j["step_s"] / variants["janus_before"]["step_s"],
+        "janus_before_over_bart": variants["janus_before"]["step_s"] / b["step_s"],
         "flops_janus_over_bart": j["flops_per_step"] / b["flops_per_step"],
     }
     if memory:

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` with a 1-byte mask kept for backward on the CPU (see the module docstring)."""
+def dropout(x: torch.Tensor, p: float, training: bool, lean: bool = True) -> torch.Tensor:
+    """``F.dropout`` with a 1-byte mask kept for backward on the CPU (see the module docstring);
+    ``lean=False``: plain ``F.dropout``."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if not lean or x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p=p, training=True)
     keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
     return x.mul(keep).mul_(1.0 / (1.0 - p))

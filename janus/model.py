@@ -115,12 +115,18 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 class JanusBart(nn.Module):
     def __init__(self, config: BartConfig, *, mask_token_id: int | None = None, length_classes: int = 0,
-                 bart: BartModel | None = None, final_logits_bias: torch.Tensor | None = None):
+                 bart: BartModel | None = None, final_logits_bias: torch.Tensor | None = None,
+                 lean_activations: bool = True):
+        """``lean_activations`` (default on): keep less for backward (``janus.layers``: FFN
+        activation recomputed, LayerNorms keep their output, 1-byte dropout masks on the CPU);
+        same parameters, values and gradients. Off: HF's plain modules (a reference)."""
         super().__init__()
         config._attn_implementation = "sdpa"
         self.config = config
         self.model = bart if bart is not None else BartModel(config)
-        lean_bart(self.model)  # same parameters and function, less activation memory (janus.layers)
+        self.lean_activations = lean_activations
+        if lean_activations:
+            lean_bart(self.model)
         bias = final_logits_bias if final_logits_bias is not None else torch.zeros(1, config.vocab_size)
         self.register_buffer("final_logits_bias", bias.detach().clone())
         self.lm_head = VocabHead(config.d_model, config.vocab_size, bias=False)
@@ -210,7 +216,7 @@ class JanusBart(nn.Module):
         enc = self.model.encoder
         mask = attention_mask.bool() if attention_mask.dim() == 4 else self.cross_mask(attention_mask)
         h = enc.layernorm_embedding(enc.embed_tokens(input_ids) + enc.embed_positions(input_ids))
-        h = dropout(h, enc.dropout, self.training)
+        h = dropout(h, enc.dropout, self.training, self.lean_activations)
         for layer in enc.layers:
             if self.training and enc.layerdrop > 0.0 and torch.rand([]) < enc.layerdrop:
                 continue  # LayerDrop, as HF's encoder
@@ -222,12 +228,12 @@ class JanusBart(nn.Module):
 
     def _encoder_layer(self, layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One post-LN BART encoder layer (HF's ``BartEncoderLayer`` function)."""
-        H, sa, train = self.config.encoder_attention_heads, layer.self_attn, self.training
+        H, sa, train, lean = self.config.encoder_attention_heads, layer.self_attn, self.training, self.lean_activations
         a = F.scaled_dot_product_attention(_heads(sa.q_proj(h), H), _heads(sa.k_proj(h), H), _heads(sa.v_proj(h), H),
                                            attn_mask=mask, dropout_p=sa.dropout if train else 0.0, scale=sa.scaling)
-        h = layer.self_attn_layer_norm(h + dropout(sa.out_proj(_merge(a)), layer.dropout, train))
-        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(h)), layer.activation_dropout, train))
-        h = layer.final_layer_norm(h + dropout(f, layer.dropout, train))
+        h = layer.self_attn_layer_norm(h + dropout(sa.out_proj(_merge(a)), layer.dropout, train, lean))
+        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(h)), layer.activation_dropout, train, lean))
+        h = layer.final_layer_norm(h + dropout(f, layer.dropout, train, lean))
         if h.dtype == torch.float16:  # HF clamps an overflowed fp16 layer output; same values, no sync
             big = torch.finfo(torch.float16).max - 1000
             h = h.clamp(-big, big)
@@ -252,7 +258,7 @@ class JanusBart(nn.Module):
         dec = self.model.decoder
         pos = dec.embed_positions(tokens, position_ids=positions).squeeze(0)
         h = dec.layernorm_embedding(dec.embed_tokens(tokens) + pos)
-        return dropout(h, self.config.dropout, self.training)
+        return dropout(h, self.config.dropout, self.training, self.lean_activations)
 
     def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor | None, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
@@ -269,7 +275,7 @@ class JanusBart(nn.Module):
         rows): each row range attends only its first ``keys`` tokens, whose keys/values alone
         are projected (``DecoderStreams.key_spans``)."""
         H = self.config.decoder_attention_heads
-        train = self.training
+        train, lean = self.training, self.lean_activations
         drop, attn_drop = self.config.dropout, self.config.attention_dropout if train else 0.0
         sa = layer.self_attn
         x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
@@ -288,12 +294,12 @@ class JanusBart(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=attn_drop, scale=sa.scaling)
-        x = layer.self_attn_layer_norm(x + dropout(sa.out_proj(_merge(a)), drop, train))
+        x = layer.self_attn_layer_norm(x + dropout(sa.out_proj(_merge(a)), drop, train, lean))
         ca = layer.encoder_attn
         a = _shared_source_attention(_heads(ca.q_proj(x), H), *cross, cross_mask, attn_drop, ca.scaling, interleaved)
-        x = layer.encoder_attn_layer_norm(x + dropout(ca.out_proj(_merge(a)), drop, train))
-        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(x)), layer.activation_dropout, train))
-        return layer.final_layer_norm(x + dropout(f, drop, train))
+        x = layer.encoder_attn_layer_norm(x + dropout(ca.out_proj(_merge(a)), drop, train, lean))
+        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(x)), layer.activation_dropout, train, lean))
+        return layer.final_layer_norm(x + dropout(f, drop, train, lean))
 
     def run_decoder(self, streams: DecoderStreams, encoder_out: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:

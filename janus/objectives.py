@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Vocabulary-loss chunking defaults (see ObjectiveConfig). 512 rows: each [rows, vocab] fp32
-# chunk tensor is ~100 MB at BART's 50k vocabulary, and the chunk matmuls are as fast per
-# FLOP as bigger ones (measured on CPU at bart-base dims: 256-2048 rows within noise). Below
+# Vocabulary-loss chunking defaults (see ObjectiveConfig). 256 rows: each [rows, vocab] fp32
+# chunk buffer is ~50 MB at BART's 50k vocabulary (a pass holds about three, plus one per KL
+# pair's difference at a third of the rows), and the chunk matmuls are as fast per FLOP as
+# bigger ones (measured on CPU at bart-base dims, whole JANUS steps: 128/256/512 rows within
+# 2 %; step peak memory 1599/1665/~1800 MB at 2 x 512 tokens). Below
 # 1024 vocabulary entries the unchunked path measured equal or up to ~5% faster (tiny models)
 # and its tensors are small anyway; from 1536 up the chunked path was faster.
-DEFAULT_CHUNK_ROWS = 512
+DEFAULT_CHUNK_ROWS = 256
 CHUNK_MIN_VOCAB = 1024
 
 KL_TERMS = ("kl_ar_aux", "kl_aux_ar", "kl_nar_aux", "kl_aux_nar", "kl_ar_nar", "kl_nar_ar")

@@ -161,7 +161,7 @@ def test_train_step_benchmark_smoke():
     from benchmarks.train_step import main
 
     summary = main(["--small", "--seq", "32", "--device", "cpu", "--threads", "1"])
-    assert set(summary["variants"]) == {"bart", "janus", "janus_unchunked"}
+    assert set(summary["variants"]) == {"bart", "janus", "janus_unchunked", "janus_before"}
     assert summary["loss_chunk_rows"] > 0 and summary["device"] == "cpu"
     for name, v in summary["variants"].items():
         assert v["step_s"] > 0 and v["flops_per_step"] > 0, name
@@ -172,3 +172,4 @@ def test_train_step_benchmark_smoke():
     assert 1.5 < summary["flops_janus_over_bart"] < 3.5
     assert summary["janus_over_bart"] == pytest.approx(janus["step_s"] / bart["step_s"])
     assert summary["chunked_over_unchunked_memory"] > 0 and summary["matmul_flops_per_s"] > 0
+    assert summary["janus_over_before_memory"] > 0 and summary["janus_over_before_time"] > 0
