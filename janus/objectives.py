@@ -23,7 +23,7 @@ import torch.nn.functional as F
 # chunk buffer is ~50 MB at BART's 50k vocabulary (a pass holds about three, plus one per KL
 # pair's difference at a third of the rows), and the chunk matmuls are as fast per FLOP as
 # bigger ones (measured on CPU at bart-base dims, whole JANUS steps: 128/256/512 rows within
-# 2 %; step peak memory 1599/1665/~1800 MB at 2 x 512 tokens). Below
+# 2 %; JANUS step peak memory 1599 MB at 128 rows, 1665 MB at 256, 2 x 512 tokens). Below
 # 1024 vocabulary entries the unchunked path measured equal or up to ~5% faster (tiny models)
 # and its tensors are small anyway; from 1536 up the chunked path was faster.
 DEFAULT_CHUNK_ROWS = 256
