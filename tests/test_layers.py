@@ -27,6 +27,16 @@ def _saved(fn):
     return out, kept
 
 
+def _same_gradients(out, ref, pairs, rtol=1e-5, atol=1e-6):
+    """Backpropagate one random gradient through ``out`` and ``ref``; compare (mine, theirs) grads."""
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=rtol, atol=atol)
+    return g
+
+
 def test_dropout_keeps_a_bool_mask_and_scales_like_f_dropout():
     x = torch.randn(64, 128, requires_grad=True)
     torch.manual_seed(0)
@@ -59,12 +69,7 @@ def test_act_linear_matches_the_plain_ffn_tail_and_keeps_no_activation_output(ac
     torch.manual_seed(1)
     out, kept = _saved(lambda: fused(u))
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref.backward(g)
-    torch.testing.assert_close(u.grad, u_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused.weight.grad, ref_fc2.weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused.bias.grad, ref_fc2.bias.grad, rtol=1e-5, atol=1e-6)
+    _same_gradients(out, ref, [(u, u_ref), (fused.weight, ref_fc2.weight), (fused.bias, ref_fc2.bias)])
     # What is kept: u once (float) and, with dropout, a bool mask; never act(u).
     big_float = [d for s, d in kept if s == (3, 7, 48) and d.is_floating_point]
     big_float_ref = [d for s, d in kept_ref if s in ((3, 7, 48), (21, 48)) and d.is_floating_point]
@@ -152,14 +157,8 @@ def test_lean_layer_norm_matches_layer_norm_and_keeps_no_input():
     y, kept = _saved(lambda: lean(x))
     y_ref = ref(x_ref)
     torch.testing.assert_close(y, y_ref)
-    assert all(t is not x for t in kept)
-    assert sum(1 for s, d in kept if s == (4, 5, 24)) == 1  # the output only
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lean.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lean.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-6)
+    assert sum(1 for s, d in kept if s == (4, 5, 24)) == 1  # the output only, not the input too
+    g = _same_gradients(y, y_ref, [(x, x_ref), (lean.weight, ref.weight), (lean.bias, ref.bias)], atol=1e-5)
     # A zero weight entry: everything stays finite, the other channels' gradients are exact.
     with torch.no_grad():
         lean.weight[3] = 0.0
