@@ -153,7 +153,11 @@ def spec_time_split(model: JanusBart, tok, sources: list[str], max_source_length
     """Batch-1 speculative decoding against AR greedy, interleaved source by source (each timed
     ``repeats`` times alternately, the fastest kept), so machine noise hits both alike:
     ``speedup_vs_greedy`` = total greedy ms / total speculative ms; and where the speculative time
-    goes (mean ms per source: encoder side, drafting, verification + bookkeeping, exact replays)."""
+    goes (mean ms per source: encoder side, drafting, verification + bookkeeping, exact replays).
+    Also the guard's measured per-row costs (``guard_*_ms_per_row``: draft pass, verification,
+    greedy-like step) and ``bound_vs_greedy_free_drafts`` = (accepted per drafted verification + 1)
+    x greedy step / verification: the speedup this model's agreement allows even if drafting
+    cost nothing."""
     dev = next(model.parameters()).device
     greedy = BeamConfig(beam=1, max_len=cfg.max_len, min_len=cfg.min_len, no_repeat_ngram=cfg.no_repeat_ngram)
     parts, t_greedy, t_spec = [], 0.0, 0.0
@@ -175,7 +179,11 @@ def spec_time_split(model: JanusBart, tok, sources: list[str], max_source_length
     total = combine_stats(parts)
     out = {k: total.get(k, 0.0) / len(sources) for k in ("ms_encoder", "ms_draft", "ms_verify", "ms_replay", "ms_total")}
     out.update(greedy_ms=1000 * t_greedy / len(sources), spec_ms=1000 * t_spec / len(sources),
-               speedup_vs_greedy=t_greedy / t_spec)
+               speedup_vs_greedy=t_greedy / t_spec, accepted_per_verification=total["accepted_per_verification"],
+               **guard.state())
+    g, v = out.get("guard_lean_ms_per_row"), out.get("guard_verify_ms_per_row")
+    if g and v:
+        out["bound_vs_greedy_free_drafts"] = (total["accepted_per_verification"] + 1) * g / v
     return out
 
 

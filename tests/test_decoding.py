@@ -403,3 +403,7 @@ def test_decode_latency_quality_mode_reports_speculative_exactness(tiny_model_di
     split = spec["batch1_interleaved"]
     assert split["speedup_vs_greedy"] == split["greedy_ms"] / split["spec_ms"]
     assert split["ms_total"] >= split["ms_encoder"] + split["ms_verify"] - 1e-6
+    assert split["guard_verify_ms_per_row"] > 0 and split["guard_min_accept"] >= 2
+    if "guard_lean_ms_per_row" in split:
+        assert split["bound_vs_greedy_free_drafts"] == pytest.approx(
+            (split["accepted_per_verification"] + 1) * split["guard_lean_ms_per_row"] / split["guard_verify_ms_per_row"])
