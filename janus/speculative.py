@@ -532,7 +532,10 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             if cfg.adaptive:
                 full = had & (acc == w)
                 win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
-                fresh_fail = had & fresh & (acc < (guard.min_accept() if R == 1 else 2))  # saved less than it cost
+                # A fresh draft failed if it saved less than it cost, unless the AR agreed with all of
+                # it (a short draft at the end of an output is agreement, not a reason to pause).
+                agreed = full | acc_eos
+                fresh_fail = had & fresh & ~agreed & (acc < (guard.min_accept() if R == 1 else 2))
                 if drafted_rows and R == 1 and bool(had[0]):
                     guard.outcome(0.0 if bool(fresh_fail[0]) else 1.0)
                 cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
