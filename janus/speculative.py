@@ -41,8 +41,8 @@ So on a model whose drafts are useless the draft passes become logarithmically r
 14, 31, 64, ... with the defaults) and the cost tends to plain greedy's. The costs and the back-off
 state live in a ``SpecGuard``; passed to successive calls (``finetune.generate`` keeps one per
 file, ``benchmarks.decode_latency`` one per timed file), what it learnt on one batch-1 source
-carries to the next: while most recent fresh drafts paid (a moving average), a new source drafts
-at once; otherwise it starts inside the last back-off pause, since on short outputs a fresh start
+carries to the next: while the first drafts of most recent sources paid (a moving average; later
+drafts, often short ones at an output's tail, do not count), a new source drafts at once; otherwise it starts inside the last back-off pause, since on short outputs a fresh start
 per source would pay a few failed probes every source. Batches of several rows start fresh.
 
 **Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32 (the score
@@ -139,16 +139,16 @@ class SpecConfig:
 class SpecGuard:
     """The adaptive guard's memory, kept across ``speculative_decode`` calls: exponential moving
     averages of the measured per-row ms of a draft pass, a verification and a greedy-like step, of
-    the share of fresh drafts that paid, and the back-off state (pause length, cycles left in it,
-    probe window) of the last finished row. New rows draft at once while most recent drafts paid;
-    otherwise they start from that back-off state."""
+    the share of recent batch-1 sources whose first draft paid, and the back-off state (pause
+    length, cycles left in it, probe window) of the last finished row. New rows draft at once
+    while most recent first drafts paid; otherwise they start from that back-off state."""
 
     EMA = 0.3  # weight of the newest measurement
 
     def __init__(self, cfg: SpecConfig):
         self.cfg = cfg
         self.ms: dict[str, float] = {}
-        self.paid = 1.0  # share of recent fresh drafts that paid (optimistic start)
+        self.paid = 1.0  # share of recent sources whose first draft paid (optimistic start)
         self.pause, self.cool, self.probe = cfg.backoff, 0, cfg.window
 
     def start(self) -> tuple[int, int, int]:
@@ -403,6 +403,7 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
     pause = torch.full((B,), pause0, dtype=torch.long, device=dev)
     probe = torch.full((B,), probe0, dtype=torch.long, device=dev)  # window of the next fresh draft
     verifications = torch.zeros(B, dtype=torch.long, device=dev)
+    first_judged = False  # batch 1: the source's first draft was judged (SpecGuard.outcome)
     replays: dict[int, _Replay] = {}
     st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
           "drafted_verifications": 0, "accepted": 0, "replays": 0, "replay_steps": 0, "single_verification": 0}
@@ -532,12 +533,12 @@ def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask
             if cfg.adaptive:
                 full = had & (acc == w)
                 win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
-                # A fresh draft failed if it saved less than it cost, unless the AR agreed with all of
-                # it (a short draft at the end of an output is agreement, not a reason to pause).
-                agreed = full | acc_eos
-                fresh_fail = had & fresh & ~agreed & (acc < (guard.min_accept() if R == 1 else 2))
-                if drafted_rows and R == 1 and bool(had[0]):
+                fresh_fail = had & fresh & (acc < (guard.min_accept() if R == 1 else 2))  # saved less than it cost
+                if drafted_rows and B == 1 and not first_judged and bool(had[0]):
+                    # Only a source's first draft informs how the next source starts: later ones
+                    # (often short drafts at the tail of an output) say little about it.
                     guard.outcome(0.0 if bool(fresh_fail[0]) else 1.0)
+                    first_judged = True
                 cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
                 pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
                                     torch.where(had & fresh, cfg.backoff, pause))

@@ -284,8 +284,8 @@ def test_guard_stops_drafting_when_accepted_drafts_do_not_pay_for_themselves(mon
 
 
 def test_guard_state_carries_over_calls(monkeypatch):
-    """After drafts failed on one source, the next source starts in the back-off pause instead of
-    paying for a fresh failed draft at once; the output stays greedy's."""
+    """After the first drafts of recent sources failed (two in a row), the next source starts in
+    the back-off pause instead of paying for a fresh failed draft at once; the output stays greedy's."""
     def wrong_draft(model, toks, L, N, cross, cross_mask, most):
         D = min(int((N - L).max()), most)
         return torch.full((len(L), D), 38), (N - L).clamp(max=D)
@@ -293,15 +293,20 @@ def test_guard_state_carries_over_calls(monkeypatch):
     model = random_model(0, vocab=40, scale=3.0)
     with torch.no_grad():
         model.final_logits_bias[0, 38] = -1e4
-    x, am = sources(40, B=2, seed=4)
+    x, am = sources(40, B=3, seed=4)
     cfg = SpecConfig(max_len=20, min_len=20)
     guard = SpecGuard(cfg)
-    first = [speculative_decode(model, x[i:i + 1], am[i:i + 1], cfg, guard=guard) for i in range(2)]
-    fresh = speculative_decode(model, x[1:2], am[1:2], cfg)
+    first = []
+    for i in range(3):
+        first.append(speculative_decode(model, x[i:i + 1], am[i:i + 1], cfg, guard=guard))
+        if i == 0:  # one source's first draft failed: not yet a pattern
+            assert guard.paid >= 0.5
+    fresh = speculative_decode(model, x[2:3], am[2:3], cfg)
     for i, (tokens, _, _) in enumerate(first):
         assert torch.equal(tokens, greedy_alone(model, x[i:i + 1], am[i:i + 1], cfg))
-    assert first[0][2]["draft_passes"] == fresh[2]["draft_passes"] == 3  # cycles 0, 5, 14
-    assert first[1][2]["draft_passes"] < fresh[2]["draft_passes"]  # the second source starts paused
+    assert first[0][2]["draft_passes"] == first[1][2]["draft_passes"] == 3  # cycles 0, 5, 14
+    assert fresh[2]["draft_passes"] == 3
+    assert first[2][2]["draft_passes"] < fresh[2]["draft_passes"]  # the third source starts paused
     assert guard.pause > cfg.backoff and guard.paid < 0.5
     # Drafts that pay: a new source drafts at once (one failed probe elsewhere does not pause it).
     monkeypatch.undo()
