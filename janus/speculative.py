@@ -42,8 +42,9 @@ So on a model whose drafts are useless the draft passes become logarithmically r
 state live in a ``SpecGuard``; passed to successive calls (``finetune.generate`` keeps one per
 file, ``benchmarks.decode_latency`` one per timed file), what it learnt on one batch-1 source
 carries to the next: while the first drafts of most recent sources paid (a moving average; later
-drafts, often short ones at an output's tail, do not count), a new source drafts at once; otherwise it starts inside the last back-off pause, since on short outputs a fresh start
-per source would pay a few failed probes every source. Batches of several rows start fresh.
+drafts, often short ones at an output's tail, do not count), a new source drafts at once;
+otherwise it starts inside the last back-off pause, since on short outputs a fresh start per
+source would pay a few failed probes every source. Batches of several rows start fresh.
 
 **Exactness.** Greedy's decision at a slot is the top of ``score + log p`` in float32 (the score
 summed sequentially in float32, as the verifier sums it too). But one pass over many positions is
