@@ -43,6 +43,20 @@ def _keep_mask(u: torch.Tensor, p: float) -> torch.Tensor:
     return torch.rand(u.shape, dtype=torch.float32, device=u.device) >= p
 
 
+def _act_backward(act: nn.Module, u: torch.Tensor, ga: torch.Tensor) -> torch.Tensor | None:
+    """The activation's input gradient by its own backward kernel (no nested autograd call inside
+    a backward, which e.g. FLOP counters cannot follow); None for an activation not listed here."""
+    name = type(act).__name__
+    if (name == "GELUActivation" and getattr(act, "act", None) is F.gelu) or (
+            isinstance(act, nn.GELU) and act.approximate == "none"):
+        return torch.ops.aten.gelu_backward(ga, u)
+    if isinstance(act, nn.ReLU):
+        return ga * (u > 0)
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return torch.ops.aten.silu_backward(ga, u)
+    return None
+
+
 class _ActLinearFn(torch.autograd.Function):
     """``F.linear(dropout(act(u)), weight, bias)``; backward recomputes ``act(u)``."""
 
@@ -81,7 +95,9 @@ class _ActLinearFn(torch.autograd.Function):
                 ga = torch.mm(g2, weight.to(cd)).view(av.shape).to(a.dtype)
                 if keep is not None:
                     ga = ga.mul_(keep).mul_(1.0 / (1.0 - ctx.p))
-                (gu,) = torch.autograd.grad(a, ud, ga)
+                gu = _act_backward(ctx.act, u, ga)
+                if gu is None:  # another activation: differentiate the recomputed one
+                    (gu,) = torch.autograd.grad(a, ud, ga)
         return gu, gw, gb, None, None
 
 
