@@ -35,25 +35,24 @@ def dropout(x: torch.Tensor, p: float, training: bool, lean: bool = True) -> tor
         return x
     if not lean or x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p=p, training=True)
-    keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
-    return x.mul(keep).mul_(1.0 / (1.0 - p))
+    return x.mul(_keep_mask(x, p)).mul_(1.0 / (1.0 - p))
 
 
 def _keep_mask(u: torch.Tensor, p: float) -> torch.Tensor:
     return torch.rand(u.shape, dtype=torch.float32, device=u.device) >= p
 
 
-def _act_backward(act: nn.Module, u: torch.Tensor, ga: torch.Tensor) -> torch.Tensor | None:
-    """The activation's input gradient by its own backward kernel (no nested autograd call inside
-    a backward, which e.g. FLOP counters cannot follow); None for an activation not listed here."""
+def _act_grad_fn(act: nn.Module):
+    """``(grad_out, u) -> grad_u`` by the activation's own backward kernel (no nested autograd call
+    inside a backward, which e.g. FLOP counters cannot follow); None for an activation not listed."""
     name = type(act).__name__
     if (name == "GELUActivation" and getattr(act, "act", None) is F.gelu) or (
             isinstance(act, nn.GELU) and act.approximate == "none"):
-        return torch.ops.aten.gelu_backward(ga, u)
+        return torch.ops.aten.gelu_backward
     if isinstance(act, nn.ReLU):
-        return ga * (u > 0)
+        return lambda ga, u: ga * (u > 0)
     if isinstance(act, nn.SiLU) or name == "SiLUActivation":
-        return torch.ops.aten.silu_backward(ga, u)
+        return torch.ops.aten.silu_backward
     return None
 
 
@@ -78,9 +77,10 @@ class _ActLinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         u, weight, keep = ctx.saved_tensors
         cd = ctx.cd
+        grad_fn = _act_grad_fn(ctx.act)
         with torch.autocast(u.device.type, enabled=False):
-            with torch.enable_grad():
-                ud = u.detach().requires_grad_(True)
+            with torch.enable_grad():  # a graph of the recomputation only where no kernel is known
+                ud = u.detach().requires_grad_(grad_fn is None)
                 a = ctx.act(ud)
             av = a.detach()
             if keep is not None:
@@ -95,9 +95,7 @@ class _ActLinearFn(torch.autograd.Function):
                 ga = torch.mm(g2, weight.to(cd)).view(av.shape).to(a.dtype)
                 if keep is not None:
                     ga = ga.mul_(keep).mul_(1.0 / (1.0 - ctx.p))
-                gu = _act_backward(ctx.act, u, ga)
-                if gu is None:  # another activation: differentiate the recomputed one
-                    (gu,) = torch.autograd.grad(a, ud, ga)
+                gu = grad_fn(ga, u) if grad_fn is not None else torch.autograd.grad(a, ud, ga)[0]
         return gu, gw, gb, None, None
 
 

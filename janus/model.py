@@ -208,6 +208,11 @@ class JanusBart(nn.Module):
             torch.save(state, os.path.join(path, JANUS_EXTRAS_FILE))
 
     # ------------------------------------------------------------------ encoder side
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Dropout of the training forward (``janus.layers.dropout``; plain ``F.dropout`` without
+        lean activations)."""
+        return dropout(x, p, self.training, self.lean_activations)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """HF BART's encoder function on its modules, run by this class: a 2-D or 4-D boolean
         mask goes to SDPA as is (no host-side padding check), dropout keeps 1-byte masks
@@ -216,7 +221,7 @@ class JanusBart(nn.Module):
         enc = self.model.encoder
         mask = attention_mask.bool() if attention_mask.dim() == 4 else self.cross_mask(attention_mask)
         h = enc.layernorm_embedding(enc.embed_tokens(input_ids) + enc.embed_positions(input_ids))
-        h = dropout(h, enc.dropout, self.training, self.lean_activations)
+        h = self._drop(h, enc.dropout)
         for layer in enc.layers:
             if self.training and enc.layerdrop > 0.0 and torch.rand([]) < enc.layerdrop:
                 continue  # LayerDrop, as HF's encoder
@@ -228,12 +233,12 @@ class JanusBart(nn.Module):
 
     def _encoder_layer(self, layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One post-LN BART encoder layer (HF's ``BartEncoderLayer`` function)."""
-        H, sa, train, lean = self.config.encoder_attention_heads, layer.self_attn, self.training, self.lean_activations
+        H, sa = self.config.encoder_attention_heads, layer.self_attn
         a = F.scaled_dot_product_attention(_heads(sa.q_proj(h), H), _heads(sa.k_proj(h), H), _heads(sa.v_proj(h), H),
-                                           attn_mask=mask, dropout_p=sa.dropout if train else 0.0, scale=sa.scaling)
-        h = layer.self_attn_layer_norm(h + dropout(sa.out_proj(_merge(a)), layer.dropout, train, lean))
-        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(h)), layer.activation_dropout, train, lean))
-        h = layer.final_layer_norm(h + dropout(f, layer.dropout, train, lean))
+                                           attn_mask=mask, dropout_p=sa.dropout if self.training else 0.0, scale=sa.scaling)
+        h = layer.self_attn_layer_norm(h + self._drop(sa.out_proj(_merge(a)), layer.dropout))
+        f = layer.fc2(self._drop(layer.activation_fn(layer.fc1(h)), layer.activation_dropout))
+        h = layer.final_layer_norm(h + self._drop(f, layer.dropout))
         if h.dtype == torch.float16:  # HF clamps an overflowed fp16 layer output; same values, no sync
             big = torch.finfo(torch.float16).max - 1000
             h = h.clamp(-big, big)
@@ -258,7 +263,7 @@ class JanusBart(nn.Module):
         dec = self.model.decoder
         pos = dec.embed_positions(tokens, position_ids=positions).squeeze(0)
         h = dec.layernorm_embedding(dec.embed_tokens(tokens) + pos)
-        return dropout(h, self.config.dropout, self.training, self.lean_activations)
+        return self._drop(h, self.config.dropout)
 
     def _layer(self, layer, h: torch.Tensor, self_mask: torch.Tensor | None, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor, rows: torch.Tensor | None = None,
@@ -275,8 +280,7 @@ class JanusBart(nn.Module):
         rows): each row range attends only its first ``keys`` tokens, whose keys/values alone
         are projected (``DecoderStreams.key_spans``)."""
         H = self.config.decoder_attention_heads
-        train, lean = self.training, self.lean_activations
-        drop, attn_drop = self.config.dropout, self.config.attention_dropout if train else 0.0
+        drop, attn_drop = self.config.dropout, self.config.attention_dropout if self.training else 0.0
         sa = layer.self_attn
         x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         q = _heads(sa.q_proj(x), H)
@@ -294,12 +298,12 @@ class JanusBart(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=attn_drop, scale=sa.scaling)
-        x = layer.self_attn_layer_norm(x + dropout(sa.out_proj(_merge(a)), drop, train, lean))
+        x = layer.self_attn_layer_norm(x + self._drop(sa.out_proj(_merge(a)), drop))
         ca = layer.encoder_attn
         a = _shared_source_attention(_heads(ca.q_proj(x), H), *cross, cross_mask, attn_drop, ca.scaling, interleaved)
-        x = layer.encoder_attn_layer_norm(x + dropout(ca.out_proj(_merge(a)), drop, train, lean))
-        f = layer.fc2(dropout(layer.activation_fn(layer.fc1(x)), layer.activation_dropout, train, lean))
-        return layer.final_layer_norm(x + dropout(f, drop, train, lean))
+        x = layer.encoder_attn_layer_norm(x + self._drop(ca.out_proj(_merge(a)), drop))
+        f = layer.fc2(self._drop(layer.activation_fn(layer.fc1(x)), layer.activation_dropout))
+        return layer.final_layer_norm(x + self._drop(f, drop))
 
     def run_decoder(self, streams: DecoderStreams, encoder_out: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def test_dropout_keeps_a_bool_mask_and_scales_like_f_dropout():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("act_name", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("act_name", ["gelu", "relu", "silu", "tanh"])  # tanh: the autograd fallback
 def test_act_linear_matches_the_plain_ffn_tail_and_keeps_no_activation_output(act_name, p):
     torch.manual_seed(0)
     fc2 = nn.Linear(48, 16)
