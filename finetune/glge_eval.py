@@ -1,8 +1,19 @@
 """Score a GLGE output file: python -m finetune.glge_eval --task T --hyp FILE --ref FILE [--src FILE]
 
-Prints one JSON object: task, n, the task's metrics (GLGE's 0..100 scale), overall (mean
-of the task's metrics, as on the GLGE leaderboard), repetition (token repetition ratio,
-%), and for nmt the sacreBLEU signature. Metric definitions: janus/metrics.py.
+--protocol official (default): the numbers GLGE's official evaluation script (the ProphetNet
+repository's GLGE_baselines/script/eval.py, used by the GLGE leaderboard, BANG, ProphetNet and the
+JANUS paper) gives for these outputs: the raw, detokenised model outputs are put into the GLGE
+baselines' form (BERT-uncased basic tokens) and scored against the untokenized release files
+(<glge>/<version>/<task>_data/org_data/<split>.tgt) with the official post-processing and scorers
+(ROUGE-1.5.5, coco-caption, NLTK 3.5's BLEU). Definitions: janus/glge_official.py.
+--protocol modern: metrics re-derived from the papers' descriptions with today's packages
+(rouge-score, current NLTK) on the outputs as given; not comparable with published GLGE numbers.
+--dedup-consecutive: BANG's NAR post-processing (consecutive duplicate tokens removed before
+scoring); label numbers computed with it as such.
+
+Prints one JSON object: task, protocol, n, the task's metrics (GLGE's 0..100 scale), overall
+(mean of the task's metrics, as on the GLGE leaderboard), repetition (token repetition ratio of
+the outputs, %), and for nmt the sacreBLEU signature. Details: docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -10,7 +21,21 @@ import argparse
 import json
 import sys
 
-from janus.metrics import QG_TASKS, TASKS, evaluate
+from janus.glge_official import dedup_consecutive, evaluate_official
+from janus.metrics import QG_TASKS, TASKS, MetricUnavailable, evaluate
+
+PROTOCOLS = ("official", "modern")
+
+
+def score(task: str, hyps: list[str], refs: list[str], srcs: list[str] | None = None, *,
+          protocol: str = "official", dedup: bool = False, meteor: bool = True) -> dict:
+    """The task's scores in ``protocol`` (official | modern); ``dedup``: BANG's NAR post-processing."""
+    if protocol == "official":
+        return evaluate_official(task, hyps, refs, srcs, meteor=meteor, dedup=dedup)
+    if protocol != "modern":
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    result = evaluate(task, [dedup_consecutive(h) for h in hyps] if dedup else hyps, refs, srcs, meteor=meteor)
+    return result | {"dedup": True} if dedup else result
 
 
 def read_lines(path: str) -> list[str]:
@@ -47,13 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", required=True, help="references, one per line (the GLGE .tgt file)")
     parser.add_argument("--src", help="sources, one per line (the GLGE .src file); required for "
                                       f"{'/'.join(QG_TASKS)}, whose items are grouped by source")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="official",
+                        help="official: GLGE's official script's numbers (default); modern: re-derived metrics")
+    parser.add_argument("--dedup-consecutive", action="store_true",
+                        help="remove consecutive duplicate tokens first (BANG's NAR post-processing)")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (a JVM run); OVERALL is then null")
     args = parser.parse_args(argv)
     if args.task in QG_TASKS and args.src is None:
         parser.error(f"--task {args.task} needs --src: references are grouped by source")
     try:
         data = read_aligned({"hyp": args.hyp, "ref": args.ref, "src": args.src})
-        result = evaluate(args.task, data["hyp"], data["ref"], data["src"])
-    except (OSError, ValueError) as e:
+        result = score(args.task, data["hyp"], data["ref"], data["src"], protocol=args.protocol,
+                       dedup=args.dedup_consecutive, meteor=not args.no_meteor)
+    except (OSError, ValueError, MetricUnavailable) as e:
         parser.error(str(e))
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr)

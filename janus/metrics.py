@@ -102,11 +102,18 @@ def coco_qg(hyps: list[str], refs: list[str], srcs: list[str], lowercase: bool =
     ('closest' reference length), METEOR 1.5 and ROUGE-L (beta 1.2), x100, over items
     grouped by source (multi-reference). SQuAD QG lower-cases everything (lowercase=True);
     MSQG's script does not. If METEOR cannot run, "meteor" is None and "note" says why."""
+    check_same_length(hyps=hyps, refs=refs, srcs=srcs)
+    res, gts = _group_by_source(hyps, refs, srcs, lowercase)
+    return coco_qg_grouped(res, gts, meteor)
+
+
+def coco_qg_grouped(res: dict[str, list[str]], gts: dict[str, list[str]], meteor: bool = True) -> dict:
+    """coco-caption BLEU-4 ('closest' reference length), METEOR 1.5 and ROUGE-L (beta 1.2), x100,
+    of items already grouped: res maps item -> [hypothesis], gts maps item -> references.
+    If METEOR cannot run, "meteor" is None and "note" says why."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
 
-    check_same_length(hyps=hyps, refs=refs, srcs=srcs)
-    res, gts = _group_by_source(hyps, refs, srcs, lowercase)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     out = {"bleu4": 100 * float(bleu[3]), "meteor": None, "rougeL": 100 * float(rouge)}
@@ -192,7 +199,9 @@ def repetition_ratio(hyps: list[str]) -> float:
 
 def evaluate(task: str, hyps: list[str], refs: list[str], srcs: list[str] | None = None,
              meteor: bool = True) -> dict:
-    """All GLGE metrics of `task` plus OVERALL and the repetition ratio, JSON-ready.
+    """All GLGE metrics of `task` in the "modern" protocol (re-derived from the papers' metric
+    descriptions with today's packages; not the official numbers: janus.glge_official has those)
+    plus OVERALL and the repetition ratio, JSON-ready.
     OVERALL is None when one of the task's metrics is unavailable (METEOR without Java):
     a mean over fewer metrics would not be comparable to GLGE's."""
     check_same_length(hyps=hyps, refs=refs, srcs=srcs)
@@ -212,8 +221,15 @@ def evaluate(task: str, hyps: list[str], refs: list[str], srcs: list[str] | None
         scores = nmt_bleu(hyps, refs)
     else:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return package_scores(task, hyps, scores, protocol="modern")
+
+
+def package_scores(task: str, hyps: list[str], scores: dict, protocol: str) -> dict:
+    """One task's result, JSON-ready: task, protocol, n, the metrics, OVERALL (None when a metric
+    is unavailable), the repetition ratio of ``hyps`` and any signature/note."""
+    scores = dict(scores)
     extras = {k: scores.pop(k) for k in ("signature", "note") if k in scores}
     values = list(scores.values())
     overall = None if None in values else _mean(values)
-    return {"task": task, "n": len(hyps), **scores, "overall": overall,
+    return {"task": task, "protocol": protocol, "n": len(hyps), **scores, "overall": overall,
             "repetition": repetition_ratio(hyps), **extras}
