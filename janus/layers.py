@@ -17,9 +17,14 @@ step's memory (activations, not weights or logits), so two things it would keep 
   same storage) and the per-row ``rstd`` instead of its input: backward recovers the
   normalised input as ``(y - bias) / weight``, as memory-efficient LayerNorms do (Apex,
   Megatron-LM). A weight entry of exactly 0 loses that channel's gradient of the weight (the
-  division is guarded, nothing becomes NaN). Under autocast, or without an affine weight, it
-  is the plain LayerNorm: there the kept tensors differ anyway (CUDA autocast keeps an fp32
-  copy of the input either way).
+  division is guarded, nothing becomes NaN). **Only in fp32/fp64**: recovering the input from a
+  half-precision output amplifies its rounding by ``|y| / |weight|`` (bf16, weights 0.02-0.05,
+  biases ~N(0, 1.5): weight-gradient error 3e-2 against the native kernel's 2e-3), so bf16 and
+  fp16 data (DeepSpeed's bf16/fp16 modes, no autocast) get the native LayerNorm's memory and
+  accuracy: computed in fp32 and rounded, the input kept (CUDA's own kernel; elsewhere
+  ``_Fp32LayerNormFn`` does the same, since the CPU's half-precision LayerNorm accumulates in low
+  precision). Under autocast, or without an affine weight, it is the plain LayerNorm: there the
+  kept tensors differ anyway (CUDA autocast keeps an fp32 copy of the input either way).
 """
 from __future__ import annotations
 
@@ -137,9 +142,32 @@ class _LeanLayerNormFn(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+class _Fp32LayerNormFn(torch.autograd.Function):
+    """LayerNorm of half-precision data computed in fp32 and rounded, forward and backward: what
+    CUDA's native kernel does (the CPU's own half-precision LayerNorm accumulates in low precision).
+    Keeps what the native op keeps: the input in its own dtype and fp32 mean / rstd per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        w32, b32 = weight.float(), None if bias is None else bias.float()
+        y, mean, rstd = torch.native_layer_norm(x.float(), weight.shape, w32, b32, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, b, mean, rstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            gy.float(), x.float(), w.shape, mean, rstd, w.float(), None if b is None else b.float(), mask)
+        return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(w.dtype),
+                None if gb is None else gb.to(b.dtype), None)
+
+
 class LeanLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension that keeps its output, not its input, for
-    backward (see the module docstring); same parameters."""
+    backward in fp32/fp64 (see the module docstring); same parameters. Half-precision data keep
+    the native op's memory and accuracy (fp32 arithmetic, the input kept)."""
 
     def __init__(self, norm: nn.LayerNorm):
         super().__init__(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
@@ -150,6 +178,10 @@ class LeanLayerNorm(nn.LayerNorm):
         if (self.weight is None or len(self.normalized_shape) != 1 or not torch.is_grad_enabled()
                 or torch.is_autocast_enabled(x.device.type)):
             return super().forward(x)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            if x.device.type == "cuda":  # the native kernel computes in fp32 and rounds
+                return super().forward(x)
+            return _Fp32LayerNormFn.apply(x, self.weight, self.bias, self.eps)
         return _LeanLayerNormFn.apply(x, self.weight, self.bias, self.eps)
 
 

@@ -406,6 +406,8 @@ class _VocabPass:
         self.h_groups, self.t_groups, self.h_single, self.t_single = h_groups, t_groups, h_single, t_single
 
     def run(self, coef: dict | None, want_sums: bool, grad_bias: bool):
+        """(term sums or None, gradients or None). The gradients are those of ``sum_t coef_t *
+        term_t`` multiplied by ``grads["scale"]`` (see ``_grad_scale``)."""
         spec, cd = self.spec, self.spec.compute_dtype
         acc = torch.promote_types(cd, torch.float32)  # accumulators (fp32, or fp64 for fp64 models)
         device = self.weight.device
@@ -413,7 +415,10 @@ class _VocabPass:
         sums = {t: [] for t in TERMS} if want_sums else None
         grads = None
         if coef is not None:
-            grads = {"groups": torch.empty_like(self.h_groups), "single": torch.empty_like(self.h_single),
+            scale = _grad_scale(coef, cd)
+            if not (isinstance(scale, float) and scale == 1.0):
+                coef = {t: c * scale for t, c in coef.items()}
+            grads = {"scale": scale,"groups": torch.empty_like(self.h_groups), "single": torch.empty_like(self.h_single),
                      "weight": None,  # the first chunk writes it (no zero fill of a [vocab, d_model] tensor)
                      "bias": (torch.zeros(self.weight.shape[0], dtype=acc, device=device)
                               if grad_bias else None)}
@@ -482,9 +487,10 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         if grad_total is not None:
             pre, ctx.precomputed = ctx.precomputed, None
             if pre is not None:
+                factor = grad_total / pre.pop("scale")
                 for key in out:
                     g = pre[key]
-                    out[key] = None if g is None else g.mul_(grad_total.to(g.dtype))
+                    out[key] = None if g is None else _rescaled(g, factor)
             else:
                 coef = {t: grad_total * c for t, c in ctx.total_coef.items()}
         if grad_sums is not None:
@@ -493,12 +499,45 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         if coef is not None:
             vp = _VocabPass(ctx.spec, weight, bias, h_groups, t_groups, h_single, t_single)
             _, grads = vp.run(coef, want_sums=False, grad_bias=ctx.grad_bias)
+            scale = grads.pop("scale")
             for key, g in grads.items():
                 if g is not None:
+                    g = _rescaled(g, 1.0 / scale)
                     out[key] = g if out[key] is None else out[key] + g
         g_w = None if out["weight"] is None else out["weight"].to(weight.dtype)
         g_b = None if out["bias"] is None or bias is None else out["bias"].to(bias.dtype)
         return g_w, g_b, out["groups"], out["single"], None, None, None, None
+
+
+def _grad_scale(coef: dict, compute_dtype: torch.dtype):
+    """A power of two by which the chunk loop multiplies the coefficients (and so every gradient
+    it makes) before the logits' gradient is rounded to fp16, undone in fp32 afterwards.
+
+    The logits' gradient of ``sum_t coef_t * term_t`` is bounded by about ``sum_t |coef_t|`` per
+    entry (times ``1 + |lp_a - lp_b|`` for KL terms). With mean reduction the coefficients are
+    ~1/rows, so unscaled its entries fall into fp16's subnormals (below 6.1e-5) and lose their
+    digits, and a loss scale applied afterwards (DeepSpeed's fp16 engine: 2^16, not even
+    representable in fp16) cannot bring them back. Scaled so that ``sum |coef|`` lies in
+    [16, 32), the entries keep fp16's full precision and stay far below its maximum (65504).
+    1 for every other dtype (bf16 has fp32's range; fp32/fp64 need nothing). A python float for
+    python-float coefficients; a 0-dim tensor, computed on the device, for tensor ones."""
+    if compute_dtype != torch.float16:
+        return 1.0
+    values = list(coef.values())
+    if all(isinstance(c, float) for c in values):
+        total = sum(abs(c) for c in values)
+        return 2.0 ** (4 - math.floor(math.log2(total))) if total > 0 else 1.0
+    total = sum((c.abs().float() if torch.is_tensor(c) else abs(c)) for c in values)
+    return torch.exp2(4.0 - torch.floor(torch.log2(total.clamp_min(2.0 ** -100))))
+
+
+def _rescaled(g: torch.Tensor, factor) -> torch.Tensor:
+    """``g * factor`` (a python float or 0-dim tensor); half-precision ``g`` is multiplied in fp32
+    and rounded once (``factor`` itself may not be representable in fp16: 2^16 is not). In place
+    for fp32/fp64 ``g``."""
+    if g.dtype in (torch.float16, torch.bfloat16):
+        return g.float().mul_(factor).to(g.dtype)
+    return g.mul_(factor.to(g.dtype) if torch.is_tensor(factor) else factor)
 
 
 def _weighted(sums: torch.Tensor, coef: dict[str, float]) -> torch.Tensor:
