@@ -24,7 +24,8 @@ dtype ("CPU MFU" on a CPU); on a known GPU ``mfu_vs_spec`` uses its datasheet pe
 
     python -m benchmarks.train_step                     # bart-base dims, 2 x 512 (several minutes on 2 cores)
     python -m benchmarks.train_step --small             # smoke run, well under a minute
-    python -m benchmarks.train_step --device cuda --dtype bfloat16
+    python -m benchmarks.train_step --device cuda --dtype bfloat16                      # autocast
+    python -m benchmarks.train_step --device cuda --dtype bfloat16 --precision cast     # as DeepSpeed bf16 runs it
 
 Prints one JSON object per variant group and the summary on the last line;
 ``janus_over_bart`` (step time) and ``janus_over_before_memory`` (step peak memory against
@@ -46,7 +47,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
 from data_pipeline.masking import span_mask
-from janus.flops import bart_step_flops, janus_step_flops, peak_tflops_for
+from janus.flops import bart_step_flops, fp32_matmul_kind, janus_step_flops, peak_tflops_for
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
 
@@ -57,7 +58,9 @@ DIMS = {
                       decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265),
 }
 VARIANTS = ("bart", "janus", "janus_unchunked", "janus_before")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# fp16 steps multiply the loss by DeepSpeed's initial dynamic loss scale before backward.
+FP16_LOSS_SCALE = 2.0 ** 16
 # glibc: blocks above this size are mmap'ed and returned on free, so the resident set follows
 # the live tensors (set for the memory-probe subprocesses only).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -87,6 +90,12 @@ class Setup:
     def __init__(self, args, variants):
         self.device = torch.device(args.device)
         self.dtype = DTYPES[args.dtype]
+        # "cast": the weights in the dtype, no autocast (DeepSpeed's bf16/fp16 modes);
+        # "autocast": fp32 weights under autocast. fp32 is the same either way.
+        self.cast = args.precision == "cast" and self.dtype != torch.float32
+        if self.dtype == torch.float16 and not self.cast:
+            raise SystemExit("--dtype float16 needs --precision cast (DeepSpeed's fp16 mode; fp16 autocast needs a "
+                             "GradScaler, which no training path here uses)")
         self.config = BartConfig(max_position_embeddings=max(1024, args.seq + 2), **DIMS[args.dims])
         cpu_batch = make_batch(self.config.vocab_size, args.batch, args.seq, args.ratio)
         self.cpu_batch = cpu_batch
@@ -98,7 +107,7 @@ class Setup:
         self.steps = {}
         torch.manual_seed(0)
         if "bart" in variants:
-            hf = BartForConditionalGeneration(self.config).to(self.device).train()
+            hf = self._placed(BartForConditionalGeneration(self.config)).train()
             if args.gradient_checkpointing:
                 hf.gradient_checkpointing_enable()
             self.steps["bart"] = self._step(hf, lambda x, am, y, dm: hf(input_ids=x, attention_mask=am, labels=y).loss)
@@ -107,7 +116,7 @@ class Setup:
             if not janus_variants:
                 continue
             torch.manual_seed(0)
-            janus = JanusBart(self.config, lean_activations=lean).to(self.device).train()
+            janus = self._placed(JanusBart(self.config, lean_activations=lean)).train()
             janus.gradient_checkpointing = args.gradient_checkpointing
             opt = torch.optim.AdamW(janus.parameters(), lr=1e-5)
             for v in janus_variants:  # the lean model's variants share it and its optimizer
@@ -115,14 +124,18 @@ class Setup:
                 self.steps[v] = self._step(janus, lambda x, am, y, dm, o=objective, m=janus: m(
                     x, am, y, dm, objective=o, host_counts=self.counts).loss, opt)
 
+    def _placed(self, model):
+        return model.to(self.device, dtype=self.dtype if self.cast else None)
+
     def _step(self, model, loss_fn, opt=None):
         opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=1e-5)
-        autocast = self.dtype != torch.float32
+        autocast = self.dtype != torch.float32 and not self.cast
+        scale = FP16_LOSS_SCALE if self.dtype == torch.float16 else 1.0
 
         def step():
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
                 loss = loss_fn(*self.batch)
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
@@ -253,7 +266,8 @@ def bench(args, argv: list[str]) -> dict:
             times[v].append(time.perf_counter() - t)
     spec = None
     if device.type == "cuda":
-        tf = peak_tflops_for(torch.cuda.get_device_name(device), "bf16" if args.dtype == "bfloat16" else "tf32")
+        kind = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype) or fp32_matmul_kind()
+        tf = peak_tflops_for(torch.cuda.get_device_name(device), kind)
         spec = tf * 1e12 if tf else None
     tokens = args.batch * args.seq
     variants = {}
@@ -266,7 +280,7 @@ def bench(args, argv: list[str]) -> dict:
     j, u, b = variants["janus"], variants["janus_unchunked"], variants["bart"]
     summary = {
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": args.dtype, "threads": torch.get_num_threads(), "dims": args.dims, "batch": args.batch,
+        "dtype": args.dtype, "precision": args.precision, "threads": torch.get_num_threads(), "dims": args.dims, "batch": args.batch,
         "seq": args.seq, "preset": args.preset, "steps": args.steps,
         "gradient_checkpointing": args.gradient_checkpointing,
         "loss_chunk_rows": setup.objective.loss_chunk_rows,
@@ -300,7 +314,10 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, default=0.5, help="decoder mask ratio")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="bfloat16 = autocast (fp32 master weights, log-softmax in fp32)")
+                   help="compute dtype; how it is applied is --precision")
+    p.add_argument("--precision", choices=["autocast", "cast"], default="autocast",
+                   help="autocast: fp32 weights under autocast; cast: weights and activations in --dtype without "
+                        "autocast, as DeepSpeed's bf16/fp16 modes run the model (fp16 also scales the loss by 2^16)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="activation checkpointing per layer in every variant (memory then shows the loss part)")

@@ -23,33 +23,56 @@ from typing import Iterable
 
 import torch
 
-# Dense peak TFLOP/s per GPU (no structured sparsity). H100/H200 = SXM parts; PCIe H100 is lower.
-PEAK_TFLOPS: dict[tuple[str, str], float] = {
-    ("a100", "bf16"): 312.0, ("a100", "fp16"): 312.0, ("a100", "tf32"): 156.0,
-    ("h100", "bf16"): 989.0, ("h100", "fp16"): 989.0, ("h100", "tf32"): 494.0,
-    ("h100-pcie", "bf16"): 756.0, ("h100-pcie", "fp16"): 756.0, ("h100-pcie", "tf32"): 378.0,
-    ("h200", "bf16"): 989.0, ("h200", "fp16"): 989.0, ("h200", "tf32"): 494.0,
+# Dense peak TFLOP/s per GPU (datasheet figures without structured sparsity). "fp32" is plain
+# fp32 on the CUDA cores (matmuls with TF32 off); "tf32" the tensor cores' TF32 rate. The SXM
+# parts are the plain names; PCIe and NVL (H100 NVL, H200 NVL) cards run lower clocks and power.
+# A800 / H800 are the export variants of A100 / H100 (same compute, slower interconnect); GH200
+# carries an H100-class GPU at SXM rates.
+_PEAKS: dict[str, tuple[float, float, float]] = {  # chip: (bf16 = fp16, tf32, fp32)
+    "a100": (312.0, 156.0, 19.5), "a800": (312.0, 156.0, 19.5),
+    "a100-pcie": (312.0, 156.0, 19.5), "a800-pcie": (312.0, 156.0, 19.5),
+    "h100": (989.0, 494.0, 67.0), "h800": (989.0, 494.0, 67.0), "gh200": (989.0, 494.0, 67.0),
+    "h100-pcie": (756.0, 378.0, 51.0), "h800-pcie": (756.0, 378.0, 51.0),
+    "h100-nvl": (835.0, 418.0, 60.0),
+    "h200": (989.0, 494.0, 67.0), "h200-nvl": (835.0, 418.0, 60.0),
 }
+PEAK_TFLOPS: dict[tuple[str, str], float] = {
+    (chip, kind): rates[i] for chip, rates in _PEAKS.items()
+    for i, kinds in enumerate((("bf16", "fp16"), ("tf32",), ("fp32",))) for kind in kinds}
 _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
-                  "half": "fp16", "torch.float16": "fp16", "tf32": "tf32"}
+                  "half": "fp16", "torch.float16": "fp16", "tf32": "tf32", "fp32": "fp32", "float32": "fp32",
+                  "torch.float32": "fp32"}
+# Checked in this order ("gh200" before "h200"; a word boundary keeps "h100" out of "gh100").
+_CHIPS = ("gh200", "h200", "h800", "h100", "a800", "a100")
+
+
+def fp32_matmul_kind() -> str:
+    """"tf32" when fp32 matmuls may run on the tensor cores in TF32 here, else "fp32": torch's
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` ("high" or
+    "medium" allow it; torch's default "highest" does not), and ``NVIDIA_TF32_OVERRIDE=0``, which
+    turns TF32 off in the CUDA libraries whatever torch allows."""
+    import os
+
+    if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        return "fp32"
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "fp32"
 
 
 def peak_tflops_for(device_name: str, dtype: str) -> float | None:
     """Dense peak TFLOP/s of ``device_name`` (as ``torch.cuda.get_device_name()`` spells it,
-    e.g. "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200") for ``dtype``
-    ("bf16"/"bfloat16", "fp16"/"float16", "tf32"); None for an unknown device or dtype
-    (plain fp32 without TF32 is not in the table)."""
+    e.g. "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA GH200 480GB")
+    for ``dtype`` ("bf16"/"bfloat16", "fp16"/"float16", "tf32", "fp32": for fp32 runs pass
+    ``fp32_matmul_kind()``); None for an unknown device or dtype."""
     kind = _DTYPE_ALIASES.get(str(dtype).lower())
     name = device_name.lower()
-    chip = None
-    for candidate in ("h200", "h100", "a100"):
-        if re.search(rf"\b{candidate}", name):
-            chip = candidate
-            break
-    if chip == "h100" and "pcie" in name:
-        chip = "h100-pcie"
+    chip = next((c for c in _CHIPS if re.search(rf"\b{c}", name)), None)
     if chip is None or kind is None:
         return None
+    for variant in ("nvl", "pcie"):
+        if variant in name and f"{chip}-{variant}" in _PEAKS:
+            chip = f"{chip}-{variant}"
+            break
     return PEAK_TFLOPS.get((chip, kind))
 
 

@@ -150,9 +150,37 @@ def test_peak_table():
     assert peak_tflops_for("NVIDIA H200", "tf32") == PEAK_TFLOPS[("h100", "tf32")]
     assert peak_tflops_for("NVIDIA H100 PCIe", "bf16") < 989
     assert peak_tflops_for("NVIDIA GeForce RTX 4090", "bf16") is None
-    assert peak_tflops_for("NVIDIA A100-SXM4-80GB", "float32") is None
-    for kind in ("bf16", "fp16", "tf32"):
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB", "float32") == 19.5  # TF32 off: the CUDA cores' rate
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB", "int8") is None
+    for kind in ("bf16", "fp16", "tf32", "fp32"):
         assert PEAK_TFLOPS[("h200", kind)] == PEAK_TFLOPS[("h100", kind)]
+    # Cards the table once missed, by the names torch reports.
+    assert peak_tflops_for("NVIDIA H100 NVL", "bf16") == 835
+    assert peak_tflops_for("NVIDIA H100 PCIe", "tf32") == 378
+    assert peak_tflops_for("NVIDIA H800", "bf16") == 989
+    assert peak_tflops_for("NVIDIA H800 PCIe", "bf16") == 756
+    assert peak_tflops_for("NVIDIA A800-SXM4-80GB", "bf16") == 312
+    assert peak_tflops_for("NVIDIA GH200 480GB", "bf16") == 989
+    assert peak_tflops_for("NVIDIA H200 NVL", "fp32") == 60
+
+
+def test_fp32_peak_follows_the_tf32_setting(monkeypatch):
+    """An fp32 run's MFU counts against the TF32 peak only when TF32 is actually allowed."""
+    from janus.flops import fp32_matmul_kind
+
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        assert fp32_matmul_kind() == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert fp32_matmul_kind() == "tf32"
+        monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+        assert fp32_matmul_kind() == "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
 
 
 @pytest.mark.slow
