@@ -72,6 +72,7 @@ the batch when they finish; there is no Python loop over rows except the rare ex
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from janus.decoding import ARStepper, _bidirectional_mask, _check, _never_special, step_bans
+from janus.flops import fp32_matmul_kind
 from janus.model import JanusBart, _heads, _merge
 
 DRAFT_LENGTHS = ("head", "window")
@@ -349,9 +351,51 @@ def _draft(model: JanusBart, toks: torch.Tensor, L: torch.Tensor, N: torch.Tenso
 
 
 @torch.no_grad()
+def tf32_in_force(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether float32 matmuls of a model of ``dtype`` on ``device`` may run in TF32 now (CUDA only;
+    ``janus.flops.fp32_matmul_kind``)."""
+    return torch.device(device).type == "cuda" and dtype == torch.float32 and fp32_matmul_kind() == "tf32"
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls(on: bool):
+    """Inside: float32 matmuls and convolutions at full precision (TF32 off), restored on exit."""
+    if not on:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[2])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+
+
 def speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       cfg: SpecConfig, *, profile: bool = False, drafter=None,
-                       guard: SpecGuard | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                       cfg: SpecConfig, **kw) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Greedy AR output by NAR drafting + one-pass AR verification (``_speculative_decode``).
+
+    **TF32.** Exactness rests on the verifier's multi-row passes and greedy's one-row steps agreeing
+    to well under ``tie_margin`` (1e-4 in float32; measured up to ~3e-6 at full fp32 precision). With
+    TF32 matmuls they differ by ~1e-3 and "identical to greedy" would silently stop holding, so when
+    TF32 is in force for a float32 model on CUDA (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision("high"/"medium")``) the decode runs with it switched off
+    and the settings are restored afterwards; the output is then greedy's at full fp32 precision,
+    and ``stats["tf32_switched_off"]`` says so. bf16/fp16 models use their own, wider margin."""
+    dtype = next(model.parameters()).dtype
+    switch = tf32_in_force(input_ids.device, dtype)
+    with full_fp32_matmuls(switch):
+        tokens, lp, stats = _speculative_decode(model, input_ids, attention_mask, cfg, **kw)
+    stats["tf32_switched_off"] = switch
+    return tokens, lp, stats
+
+
+def _speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        cfg: SpecConfig, *, profile: bool = False, drafter=None,
+                        guard: SpecGuard | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Greedy AR output by NAR drafting + one-pass AR verification.
 
     ``profile``: also time the parts (``ms_encoder``, ``ms_draft``, ``ms_verify`` (pass + acceptance
@@ -613,4 +657,6 @@ def combine_stats(parts: list[dict]) -> dict:
                  accepted_per_verification=total["accepted"] / max(total["drafted_verifications"], 1),
                  single_verification_share=total["single_verification"] / max(total["sources"], 1),
                  lossless=all(p["lossless"] for p in parts))
+    if any("tf32_switched_off" in p for p in parts):
+        total["tf32_switched_off"] = any(p.get("tf32_switched_off", False) for p in parts)
     return total

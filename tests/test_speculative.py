@@ -406,3 +406,47 @@ def test_janus_finetune_serves_all_three_decoders(tmp_path):
                        cwd=REPO, env=launch_env(), capture_output=True, text=True, check=True)
         outs[mode] = hyp.read_text()
     assert outs["spec"] == outs["ar"]
+
+
+def test_tf32_is_detected_and_switched_off_for_the_decode(monkeypatch):
+    """Exactness needs full-precision fp32 matmuls: TF32 in force on CUDA (either torch switch) is
+    detected and turned off for the decode, then restored; CPU and half-precision models are left
+    alone. The switch is exercised here by pretending the inputs are on CUDA."""
+    from janus.speculative import full_fp32_matmuls, tf32_in_force
+
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    cuda = torch.device("cuda")
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        assert not tf32_in_force(cuda, torch.float32)
+        torch.set_float32_matmul_precision("high")  # what many training scripts set
+        assert tf32_in_force(cuda, torch.float32)
+        assert not tf32_in_force(torch.device("cpu"), torch.float32)
+        assert not tf32_in_force(cuda, torch.bfloat16)
+        with full_fp32_matmuls(True):
+            assert not tf32_in_force(cuda, torch.float32)
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert tf32_in_force(cuda, torch.float32) and torch.get_float32_matmul_precision() == "high"
+        monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+        assert not tf32_in_force(cuda, torch.float32)
+        monkeypatch.delenv("NVIDIA_TF32_OVERRIDE")
+
+        # The decode itself: the switch is used exactly when TF32 is in force.
+        seen = []
+        monkeypatch.setattr(speculative, "tf32_in_force", lambda device, dtype: True)
+        real = speculative.full_fp32_matmuls
+
+        def spy(on):
+            seen.append(on)
+            return real(on)
+        monkeypatch.setattr(speculative, "full_fp32_matmuls", spy)
+        model = random_model()
+        x, am = sources(40, B=1)
+        _, _, stats = speculative_decode(model, x, am, SpecConfig(max_len=8))
+        assert seen == [True] and stats["tf32_switched_off"] is True
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
