@@ -97,7 +97,9 @@ class MultiTaskNAT(nn.Module):
         nat_loss = out.losses["total"]
         losses = dict(out.losses)
         losses.update(nat=nat_loss, at=at_loss, total=lam * nat_loss + (1.0 - lam) * at_loss,
-                      **{"lambda": torch.tensor(float(lam), device=nat_loss.device)})
+                      # filled on the device: torch.tensor(python value, device=cuda) is a copy from
+                      # pageable host memory, which waits on the stream every micro-batch
+                      **{"lambda": torch.full((), float(lam), dtype=nat_loss.dtype, device=nat_loss.device)})
         out.losses, out.loss = losses, losses["total"]
         return out
 

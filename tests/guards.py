@@ -11,7 +11,10 @@ factories whose data is already a tensor (``torch.as_tensor(t)`` keeps ``t``'s d
 ``no_host_sync()``: operations that make the host wait for the device (``.item()``,
 ``int(t)``, ``.tolist()``, ``nonzero``, boolean-mask indexing, ``masked_select``) raise
 ``HostSyncError``; used on the per-micro-batch hot path, where a sync stops the CPU from
-queuing work ahead of the GPU.
+queuing work ahead of the GPU. So do host-to-device copies of Python data made by the project's
+own code (``torch.tensor(0.5, device=d)``, ``torch.as_tensor([..], device=d)``): on a GPU each is a
+copy from pageable memory that waits for the stream; on the CPU nothing shows it, so the call
+itself is refused (``torch.full((), v, device=d)`` fills on the device instead).
 """
 from __future__ import annotations
 
@@ -89,7 +92,19 @@ class _NoHostSync(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class _NoHostCopy(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and args and not torch.is_tensor(args[0]):
+            where = _project_caller()
+            if where is not None:
+                raise HostSyncError(f"{where}: torch.{func.__name__}(<python data>) on the hot path is a host-to-device "
+                                    "copy from pageable memory on a GPU (the host waits for the stream); fill on the "
+                                    "device (torch.full) or build the tensor once")
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def no_host_sync():
-    with _NoHostSync():
+    with _NoHostCopy(), _NoHostSync():
         yield

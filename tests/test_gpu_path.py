@@ -142,3 +142,31 @@ def test_loader_pins_memory_and_uses_workers_on_a_gpu(monkeypatch, shards):
     explicit = build_pretrain_loader(DataConfig(shards_dir=str(shards), num_workers=0), rank=0, world_size=1,
                                      micro_batch_size=2)
     assert explicit.num_workers == 0
+
+
+def test_multitask_nat_micro_batch_makes_no_host_sync_or_host_copy():
+    """Multi-Task NAT's loss (lambda_t changes every step) fills its lambda on the device: the guard
+    refuses torch.tensor(<python value>, device=...) from project code (a pageable host-to-device
+    copy on a GPU), and the whole micro-batch passes it."""
+    import os
+
+    from janus.multitask_nat import MultiTaskNAT
+
+    from conftest import tiny_bart_config
+    from guards import REPO
+
+    model = MultiTaskNAT(tiny_bart_config(decoder_start_token_id=2, dropout=0.0), length_classes=16)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(4, 63, (3, 7), generator=g), torch.randint(4, 63, (3, 6), generator=g)
+    y[0, 4:] = 1
+    dm = (torch.rand(3, 6, generator=g) < 0.5) & y.ne(1)
+    dm[:, 1] = True
+    counts = {"n_tokens": int(y.ne(1).sum()), "n_masked": int(dm.sum()), "num_masked_max": int(dm.sum(1).max())}
+    with no_host_sync():
+        out = model(x, torch.ones_like(x), y, dm, length_targets=torch.tensor([4, 6, 6]), lam=0.3, host_counts=counts)
+        out.loss.backward()
+    assert float(out.losses["lambda"]) == pytest.approx(0.3)
+    project_line = compile("torch.tensor(0.3, device='cpu')", os.path.join(REPO, "janus", "any.py"), "exec")
+    with pytest.raises(HostSyncError, match="host-to-device"):
+        with no_host_sync():
+            exec(project_line, {"torch": torch})
