@@ -49,7 +49,7 @@ from transformers import BartConfig, BartForConditionalGeneration
 from data_pipeline.masking import span_mask
 from janus.flops import bart_step_flops, fp32_matmul_kind, janus_step_flops, peak_tflops_for
 from janus.model import JanusBart
-from janus.objectives import ObjectiveConfig
+from janus.objectives import ObjectiveConfig, chunk_rows_for
 
 DIMS = {
     "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
@@ -283,7 +283,7 @@ def bench(args, argv: list[str]) -> dict:
         "dtype": args.dtype, "precision": args.precision, "threads": torch.get_num_threads(), "dims": args.dims, "batch": args.batch,
         "seq": args.seq, "preset": args.preset, "steps": args.steps,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "loss_chunk_rows": setup.objective.loss_chunk_rows,
+        "loss_chunk_rows": chunk_rows_for(setup.objective, device),
         "decoder_mask_ratio": setup.counts["n_masked"] / setup.counts["n_tokens"],
         "matmul_flops_per_s": rate, "spec_peak_flops_per_s": spec,
         "variants": variants,

@@ -19,14 +19,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Vocabulary-loss chunking defaults (see ObjectiveConfig). 256 rows: each [rows, vocab] fp32
-# chunk buffer is ~50 MB at BART's 50k vocabulary (a pass holds about three, plus one per KL
-# pair's difference at a third of the rows), and the chunk matmuls are as fast per FLOP as
-# bigger ones (measured on CPU at bart-base dims, whole JANUS steps: 128/256/512 rows within
-# 2 %; JANUS step peak memory 1599 MB at 128 rows, 1665 MB at 256, 2 x 512 tokens). Below
-# 1024 vocabulary entries the unchunked path measured equal or up to ~5% faster (tiny models)
-# and its tensors are small anyway; from 1536 up the chunked path was faster.
-DEFAULT_CHUNK_ROWS = 256
+# Vocabulary-loss chunking defaults (see ObjectiveConfig), per device type. CPU, 256 rows: each
+# [rows, vocab] fp32 chunk buffer is ~50 MB at BART's 50k vocabulary (a pass holds about three,
+# plus one per KL pair's difference at a third of the rows), and the chunk matmuls are as fast per
+# FLOP as bigger ones (measured on CPU at bart-base dims, whole JANUS steps: 128/256/512 rows
+# within 2 %; JANUS step peak memory 1599 MB at 128 rows, 1665 MB at 256, 2 x 512 tokens).
+# GPU, 2048 rows: a chunk costs ~40 kernel launches whatever its size, so at a GPU micro-batch
+# (32 x 512 tokens: ~16k AR rows plus ~8k masked row groups) 256-row chunks would be ~100 chunks
+# and ~4000 launches per micro-batch, and 256-row matmuls leave a tensor-core GPU mostly idle;
+# 2048 rows make ~12 chunks whose buffers are ~0.4 GB each (~1.6 GB for the pass, against ~8 GB
+# per [rows, vocab] fp32 tensor unchunked). A reasoned default, not yet timed on a GPU: the GPU
+# check (`make gpu-check`) reports the step time to tune it with `--objective.loss_chunk_rows`.
+DEFAULT_CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
 CHUNK_MIN_VOCAB = 1024
 
 KL_TERMS = ("kl_ar_aux", "kl_aux_ar", "kl_nar_aux", "kl_aux_nar", "kl_ar_nar", "kl_nar_ar")
@@ -88,7 +92,8 @@ class ObjectiveConfig:
     ``loss_chunk_rows`` bounds the vocabulary-sized work: the lm_head projection, log-softmax,
     the label-smoothed NLL terms and the KL terms are computed over at most that many logit
     rows at a time (AR, NAR and AUX rows of one masked position always share a chunk), and
-    no ``[rows, vocab]`` tensor outlives its chunk. ``0`` = the unchunked reference
+    no ``[rows, vocab]`` tensor outlives its chunk; ``None`` (the default) picks the device's
+    default (``DEFAULT_CHUNK_ROWS``: 256 on CPU, 2048 on GPU). ``0`` = the unchunked reference
     computation (every row at once, plain autograd). Vocabularies smaller than
     ``loss_chunk_min_vocab`` always use the unchunked path (it is faster there and its
     tensors are small); ``0`` disables that switch.
@@ -109,8 +114,9 @@ class ObjectiveConfig:
     label_smoothing: float | None = _weight("label smoothing of the cross-entropies")
     # "mean": each term averaged over its tokens; "sum": summed over them.
     reduction: str | None = _weight("mean (each term averaged over its tokens) or sum")
-    loss_chunk_rows: int = field(default=DEFAULT_CHUNK_ROWS, metadata={
-        "help": "logit rows per chunk of the vocabulary losses (0 = unchunked)"})
+    loss_chunk_rows: int | None = field(default=None, metadata={
+        "help": "logit rows per chunk of the vocabulary losses (0 = unchunked; none = by device: "
+                f"{', '.join(f'{k} {v}' for k, v in DEFAULT_CHUNK_ROWS.items())})"})
     loss_chunk_min_vocab: int = field(default=CHUNK_MIN_VOCAB, metadata={
         "help": "vocabularies below this size use the unchunked losses (0 = always chunk)"})
 
@@ -130,7 +136,7 @@ class ObjectiveConfig:
             raise ValueError(f"objective weights must be >= 0: {weights}")
         if not any(getattr(self, k) > 0 for k in _ZERO):
             raise ValueError("objective has no positive weight")
-        if self.loss_chunk_rows < 0 or self.loss_chunk_min_vocab < 0:
+        if (self.loss_chunk_rows is not None and self.loss_chunk_rows < 0) or self.loss_chunk_min_vocab < 0:
             raise ValueError(f"loss_chunk_rows and loss_chunk_min_vocab must be >= 0, got "
                              f"{self.loss_chunk_rows}, {self.loss_chunk_min_vocab}")
 
@@ -584,7 +590,7 @@ def _chunked_sums(out, labels: torch.Tensor, cfg: ObjectiveConfig, rows: _Rows,
 
     def run(weight: torch.Tensor):  # inside the lm_head module's forward, where ZeRO-3 has gathered it
         spec = _ChunkSpec(patterns=group_patterns, kl_terms=kl_terms, eps=float(cfg.label_smoothing),
-                          chunk_rows=cfg.loss_chunk_rows, compute_dtype=cd, autocast=autocast and cd != weight.dtype)
+                          chunk_rows=chunk_rows_for(cfg, weight.device), compute_dtype=cd, autocast=autocast and cd != weight.dtype)
         with torch.autocast(device_type, enabled=False):
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (weight, bias, h_groups, h_single)):
@@ -601,9 +607,18 @@ def _chunked_sums(out, labels: torch.Tensor, cfg: ObjectiveConfig, rows: _Rows,
     return {t: sums[_TERM_INDEX[t]] for t in active}, total
 
 
+def chunk_rows_for(cfg: ObjectiveConfig, device: torch.device | str) -> int:
+    """Logit rows per chunk: ``cfg.loss_chunk_rows``, or the device type's default when None
+    (``DEFAULT_CHUNK_ROWS``; other accelerators take the GPU's)."""
+    if cfg.loss_chunk_rows is not None:
+        return cfg.loss_chunk_rows
+    kind = torch.device(device).type
+    return DEFAULT_CHUNK_ROWS["cpu" if kind == "cpu" else "cuda"]
+
+
 def use_chunked(cfg: ObjectiveConfig, vocab_size: int) -> bool:
     """Whether ``janus_losses`` takes the chunked path for this vocabulary size."""
-    return cfg.loss_chunk_rows > 0 and vocab_size >= cfg.loss_chunk_min_vocab
+    return cfg.loss_chunk_rows != 0 and vocab_size >= cfg.loss_chunk_min_vocab
 
 
 def janus_losses(out, labels: torch.Tensor, cfg: ObjectiveConfig, length_targets: torch.Tensor | None = None,

@@ -18,7 +18,7 @@ def test_preset_fills_every_unset_field(preset):
     cfg = ObjectiveConfig(preset=preset)
     got = {name: getattr(cfg, name) for name in PRESET_FIELDS}
     assert got == _expected(preset)
-    assert all(v is not None for v in cfg.to_dict().values())
+    assert all(v is not None for k, v in cfg.to_dict().items() if k != "loss_chunk_rows")  # None: by device
     assert ObjectiveConfig.from_preset(preset) == cfg
 
 
@@ -98,7 +98,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from janus.model import JanusBart  # noqa: E402
-from janus.objectives import janus_losses, use_chunked  # noqa: E402
+from janus.objectives import chunk_rows_for, janus_losses, use_chunked  # noqa: E402
 
 from conftest import tiny_bart_config  # noqa: E402
 
@@ -368,7 +368,9 @@ def test_no_vocabulary_tensor_larger_than_a_chunk():
 
 def test_default_is_chunked_with_a_small_vocabulary_switch(monkeypatch):
     default = ObjectiveConfig()
-    assert default.loss_chunk_rows > 0
+    assert default.loss_chunk_rows is None  # by device: fewer, larger chunks on a GPU
+    assert chunk_rows_for(default, "cpu") == 256 and chunk_rows_for(default, torch.device("cuda", 1)) == 2048
+    assert chunk_rows_for(ObjectiveConfig(loss_chunk_rows=64), "cuda") == 64
     assert use_chunked(default, 50265) and not use_chunked(default, 64)
     assert not use_chunked(ObjectiveConfig(loss_chunk_rows=0), 50265)
     assert use_chunked(ObjectiveConfig(loss_chunk_min_vocab=0), 64)
@@ -383,6 +385,13 @@ def test_default_is_chunked_with_a_small_vocabulary_switch(monkeypatch):
     assert not calls
     model(x, am, y, dm, objective=ObjectiveConfig(loss_chunk_min_vocab=0))
     assert calls
+    # The device's chunk size reaches the chunk loop.
+    sizes = []
+    real_pass = objectives._group_pass
+    monkeypatch.setattr(objectives, "_group_pass", lambda spec, *a, **k: sizes.append(spec.chunk_rows) or real_pass(
+        spec, *a, **k))
+    model(x, am, y, dm, objective=ObjectiveConfig(loss_chunk_min_vocab=0))
+    assert set(sizes) == {256}
 
 
 def test_losses_without_a_vocab_head_use_the_reference_path():
