@@ -3,13 +3,25 @@
     python tests/gpu/check.py                  # CUDA if present; otherwise says so and exits 0
     python tests/gpu/check.py --device cpu     # the same parts on CPU (the test suite runs this)
 
+Every part runs the configuration a real run runs, not a shortcut around it: the chunked
+vocabulary losses (the small test vocabulary is below the size where they switch on by default,
+so they are switched on explicitly, in several chunks per micro-batch), ZeRO-3 with a parameter
+persistence threshold of 0 (every parameter partitioned and gathered, as bart-base's matrices
+are), the weights in bf16/fp16 without autocast as DeepSpeed runs them, fp16 with dynamic loss
+scaling where the device supports it, and a stop signal that must end in a checkpoint.
+
 Parts (each pass/fail, timed, with its numbers):
-  pretrain_zero2_bf16, pretrain_zero3_bf16   small model, --steps steps, killed at half way and
-                                             resumed: the resumed run continues from the checkpoint
-                                             and its loss falls; tokens/s, TFLOP/s, MFU, peak memory
-  finetune_nar, finetune_ar                  dev evaluation (mask-predict / beam search) + best export
-  generate                                   finetune.generate of the AR model on the device
-  train_step, decode_latency                 the benchmarks on the device (bart-base dims on CUDA)
+  pretrain_zero2_bf16      --steps steps, killed at half way and resumed: the resumed run continues
+                           from the checkpoint and its loss falls; tokens/s, TFLOP/s, MFU, memory
+  pretrain_zero3_bf16      the same with ZeRO-3 (persistence threshold 0), stopped at half way by
+                           a stop signal (SIGUSR1, the trainer's save-and-stop path) instead
+  pretrain_zero2_fp16      (CUDA only: DeepSpeed's CPU accelerator has no fp16) dynamic loss
+                           scaling from 2^16, killed and resumed; skipped steps reported
+  finetune_nar, finetune_ar  dev evaluation (mask-predict / beam search) + best export
+  generate                 finetune.generate of the AR model on the device
+  train_step               the step benchmark with the weights in bf16 (DeepSpeed's bf16 mode;
+                           on CUDA also fp16 with a 2^16 loss scale, and bf16 autocast)
+  decode_latency           the decoding benchmark (bart-base dims on CUDA)
 On CUDA with 2+ GPUs the training parts run 2 ranks over NCCL. The last printed line is one
 JSON summary; the exit code is 1 if any part failed.
 """
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+# The chunked vocabulary losses, in several chunks per micro-batch (the tiny test vocabulary is
+# below the size where they switch on by default).
+CHUNKED = ["--objective.loss_chunk_min_vocab", "0", "--objective.loss_chunk_rows", "128"]
 
 
 def env_for(device: str) -> dict:
@@ -79,17 +95,37 @@ class Check:
             raise RuntimeError(f"{what} exited {proc.returncode}:\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
 
     # ------------------------------------------------------------------------------- parts
-    def pretrain(self, shards: Path, work: Path, stage: int) -> dict:
-        save = work / f"pretrain_zero{stage}"
+    def ds_config(self, work: Path, name: str) -> str:
+        """ds_configs/<name>.json as a real run uses it; ZeRO-3 with a persistence threshold of 0, so
+        the tiny model's parameters are partitioned and gathered like bart-base's matrices."""
+        ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        if ds["zero_optimization"]["stage"] == 3:
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(ds))
+        return str(path)
+
+    def pretrain(self, shards: Path, work: Path, config: str, stop: str) -> dict:
+        """Pretraining with ``config``, interrupted at half way by ``stop`` ("kill": a hard exit
+        after the step; "signal": SIGUSR1 during the step, which must save and exit 0), then resumed."""
+        save = work / f"pretrain_{config}"
         half = self.steps // 2
         args = ["--config", "pretrain/configs/tiny_cpu.json", "--data.shards_dir", str(shards),
-                "--run.save_dir", str(save), "--run.deepspeed_config", f"ds_configs/zero{stage}_bf16.json",
-                "--run.max_steps", str(self.steps), "--run.save_every", str(half), "--run.log_every", "2",
-                "--optim.lr", "2e-3", "--optim.warmup_steps", "2", "--run.micro_batch_size", "8"]
-        killed = torchrun("pretrain/train.py", args + ["--run.faults.crash_at_step", str(half)], self.nproc,
-                          self.device, self.timeout)
-        if killed.returncode == 0:
-            raise RuntimeError("the run meant to be killed half way finished")
+                "--run.save_dir", str(save), "--run.deepspeed_config", self.ds_config(work, config),
+                "--run.max_steps", str(self.steps), "--run.save_every", str(self.steps), "--run.log_every", "2",
+                "--optim.lr", "2e-3", "--optim.warmup_steps", "2", "--run.micro_batch_size", "8", *CHUNKED]
+        if stop == "kill":
+            args[args.index("--run.save_every") + 1] = str(half)
+            first = torchrun("pretrain/train.py", args + ["--run.faults.crash_at_step", str(half)], self.nproc,
+                             self.device, self.timeout)
+            if first.returncode == 0:
+                raise RuntimeError("the run meant to be killed half way finished")
+        else:
+            first = torchrun("pretrain/train.py", args + ["--run.faults.signal_at_step", str(half)], self.nproc,
+                             self.device, self.timeout)
+            self.expect_ok(first, "the run stopped by a signal")
+            if not any(int(d.name.split("_")[-1]) == half for d in (save / "checkpoints").glob("step_*") if d.is_dir()):
+                raise RuntimeError(f"the stop signal at step {half} left no checkpoint:\n{first.stdout[-1500:]}")
         resumed = torchrun("pretrain/train.py", args, self.nproc, self.device, self.timeout)
         self.expect_ok(resumed, "resumed pretraining")
         if f"at step {half}" not in resumed.stdout:
@@ -98,13 +134,35 @@ class Check:
         first, last = rows[0], rows[-1]
         if not last["loss/total"] < first["loss/total"]:
             raise RuntimeError(f"loss did not fall: {first['loss/total']} -> {last['loss/total']}")
+        if not all(math.isfinite(r["loss/total"]) for r in rows):
+            raise RuntimeError("a logged loss is not finite")
+        used = self.production_settings(save)
         info = {"loss_first": first["loss/total"], "loss_last": last["loss/total"], "steps": last["step"],
                 "tokens_per_s": last["throughput/tokens_per_s"], "skipped_steps": last["skipped_steps"],
-                "tflops_per_device": last.get("throughput/tflops_per_device")}
+                "tflops_per_device": last.get("throughput/tflops_per_device"), **used}
         for key in ("throughput/mfu", "memory/peak_allocated_gb"):
             if key in last:
                 info[key.split("/")[1]] = last[key]
         return info
+
+    @staticmethod
+    def production_settings(save: Path) -> dict:
+        """What the run resolved (its config.json and DeepSpeed config): the chunked losses must
+        have been on for its vocabulary, ZeRO-3 must partition everything."""
+        from janus.objectives import ObjectiveConfig, use_chunked
+
+        cfg = json.loads((save / "config.json").read_text())
+        vocab = json.loads((Path(cfg["data"]["shards_dir"]) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        chunked = use_chunked(ObjectiveConfig(**cfg["objective"]), vocab)
+        ds = json.loads(Path(cfg["run"]["deepspeed_config"]).read_text())
+        zero = ds["zero_optimization"]
+        if not chunked:
+            raise RuntimeError("the chunked vocabulary losses were off")
+        if zero["stage"] == 3 and zero.get("stage3_param_persistence_threshold", 1) != 0:
+            raise RuntimeError("ZeRO-3 kept parameters persistent (nothing partitioned)")
+        return {"chunked_losses": chunked, "zero_stage": zero["stage"],
+                "precision": "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get(
+                    "enabled") else "fp32"}
 
     def finetune(self, base: Path, task: Path, work: Path, mode: str) -> dict:
         save = work / f"finetune_{mode}"
@@ -115,7 +173,7 @@ class Check:
             "--run.log_every", "2", "--run.save_every", str(steps), "--run.eval_every", str(steps),
             "--run.deepspeed_config", "ds_configs/zero2_bf16.json", "--optim.lr", "3e-3", "--optim.warmup_steps",
             "2", "--eval.samples", "8", "--eval.beam", "2", "--eval.iterations", "1",
-            "--data.max_target_length", "16"], self.nproc, self.device, self.timeout)
+            "--data.max_target_length", "16", *CHUNKED], self.nproc, self.device, self.timeout)
         self.expect_ok(proc, f"{mode} finetuning")
         scores = json.loads((save / "best" / "dev_scores.json").read_text())
         rows = metrics(save)
@@ -169,21 +227,28 @@ def main(argv=None) -> int:
         shards = build_shards(work / "data")
         base = make_base_model(work / "base_model")
         task = write_copy_task(work / "task", n_train=256, n_dev=8)
-        for stage in (2, 3):
-            check.part(f"pretrain_zero{stage}_bf16", lambda stage=stage: check.pretrain(shards, work, stage))
+        check.part("pretrain_zero2_bf16", lambda: check.pretrain(shards, work, "zero2_bf16", "kill"))
+        check.part("pretrain_zero3_bf16", lambda: check.pretrain(shards, work, "zero3_bf16", "signal"))
+        if device == "cuda":  # DeepSpeed's CPU accelerator has no fp16
+            check.part("pretrain_zero2_fp16", lambda: check.pretrain(shards, work, "zero2_fp16", "kill"))
         for mode in ("nar", "ar"):
             check.part(f"finetune_{mode}", lambda mode=mode: check.finetune(base, task, work, mode))
         best = check.parts.get("finetune_ar", {}).get("best_dir")
         check.part("generate", lambda: check.generate(best, task, work) if best else
                    (_ for _ in ()).throw(RuntimeError("no AR model to decode (finetune_ar failed)")))
         if device == "cuda":
-            step_args = ["--dims", "bart-base", "--batch", "2", "--seq", "512", "--steps", "3", "--dtype", "bfloat16"]
+            step = ["--dims", "bart-base", "--batch", "2", "--seq", "512", "--steps", "3"]
+            step_runs = {"bf16": ["--dtype", "bfloat16", "--precision", "cast"],
+                         "fp16": ["--dtype", "float16", "--precision", "cast"],
+                         "bf16_autocast": ["--dtype", "bfloat16", "--precision", "autocast"]}
             lat_args = ["--dims", "bart-base", "--samples", "3", "--iterations", "0,1,4,10"]
         else:
-            step_args = ["--dims", "small", "--batch", "1", "--seq", "32", "--steps", "1"]
+            step = ["--dims", "small", "--batch", "1", "--seq", "32", "--steps", "1"]
+            step_runs = {"bf16": ["--dtype", "bfloat16", "--precision", "cast"]}
             lat_args = ["--dims", "small", "--source-len", "24", "--target-len", "6", "--samples", "1",
                         "--iterations", "0,1", "--dtypes", "float32"]
-        check.part("train_step", lambda: check.benchmark("benchmarks.train_step", step_args))
+        for name, extra in step_runs.items():
+            check.part(f"train_step_{name}", lambda extra=extra: check.benchmark("benchmarks.train_step", step + extra))
         check.part("decode_latency", lambda: check.benchmark("benchmarks.decode_latency", lat_args))
 
     summary = {"device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
