@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from janus.stop import ignore_in_worker
+
 from .collate import collate
 from .manifest import read_manifest
 from .masking import MaskingConfig, mask_sample
@@ -128,7 +130,8 @@ class ResumableLoader:
         # or a resumed run's dropout stream would differ from an uninterrupted one.
         loader = DataLoader(self.dataset, sampler=keys, batch_size=None, num_workers=workers,
                             prefetch_factor=self.prefetch_factor if workers else None, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(self.seed))
+                            generator=torch.Generator().manual_seed(self.seed),
+                            worker_init_fn=ignore_in_worker if workers else None)
         for batch in loader:
             self.consumed_samples += self.global_batch_size
             yield batch

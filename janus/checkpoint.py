@@ -17,7 +17,8 @@ Layout under ``<save_dir>/checkpoints``::
 An interrupted save leaves a tag dir without ``COMPLETE``; it is ignored (and cleaned up by the
 next successful save), so the previous checkpoint stays the one that resumes. ``resume`` checks
 every file against ``COMPLETE`` before loading, and falls back to the previous complete
-checkpoint, loudly, when one is missing or has the wrong size.
+checkpoint, loudly, when one is missing or has the wrong size. A step saved again while its complete
+checkpoint exists goes to ``step_N.resave`` first and replaces ``step_N`` only once complete.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ MARKER = "COMPLETE"
 HASHED_MAX_BYTES = 4 << 20  # files up to this size (RNG, meta, tokenizer) also get a sha256; every rank checks them
 VIEW_RETRY_S = 5.0  # ranks disagreeing about a checkpoint's files (a lagging shared file system): look again once
 RESUME_LOG = "resume_log.jsonl"
+RESAVE, REPLACED = ".resave", ".replaced"  # a complete step saved again: the new copy, the old one during the swap
 
 
 def tag_for(step: int) -> str:
@@ -69,13 +71,19 @@ def _write_atomic(path: str, text: str) -> None:
 
 def save(engine, root: str, step: int, client_state: dict, model_meta: dict, keep_last: int,
          fail_midway: bool = False) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+    """Collective: every rank calls it. Returns the tag.
+
+    A step whose complete checkpoint exists already (a stop on an overflow-skipped step right after
+    a resume, say) is written to ``<tag>.resave`` and swapped in only once complete: the newest
+    complete checkpoint is never deleted before its replacement is complete."""
     tag = tag_for(step)
-    path = os.path.join(root, tag)
+    replacing = broadcast_object(is_rank0() and os.path.isfile(os.path.join(root, tag, MARKER)))
+    written = tag + RESAVE if replacing else tag
+    path = os.path.join(root, written)
     if is_rank0() and os.path.exists(path):  # a leftover incomplete save of the same step
         shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(root, tag=written, client_state=client_state, save_latest=False)
     rank = torch.distributed.get_rank()
     torch.save(rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
     if fail_midway:  # test hook: die after the shards are written, before the checkpoint counts
@@ -89,10 +97,47 @@ def save(engine, root: str, step: int, client_state: dict, model_meta: dict, kee
     if is_rank0():
         marker = {"step": step, **client_state.get("summary", {}), "files": files}
         _write_atomic(os.path.join(path, MARKER), json.dumps(marker))
+        if replacing:
+            _swap_in(root, tag)
         _write_atomic(os.path.join(root, "latest"), tag)
         _prune(root, keep_last)
     barrier()
     return tag
+
+
+def _swap_in(root: str, tag: str) -> None:
+    """Rank 0: replace the complete ``tag`` by its complete re-save. Killed half way, either name still
+    holds a complete checkpoint and ``finish_interrupted_saves`` completes the swap."""
+    final, new, old = (os.path.join(root, tag + suffix) for suffix in ("", RESAVE, REPLACED))
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(os.path.join(root, "universal", tag), ignore_errors=True)  # a conversion of the old content
+
+
+def finish_interrupted_saves(root: str) -> None:
+    """Rank 0, while no save runs: complete a swap a kill interrupted, drop incomplete re-saves."""
+    if not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        base = name[: -len(RESAVE)]
+        if not (name.endswith(RESAVE) and TAG_RE.match(base)):
+            continue
+        if os.path.isfile(os.path.join(root, name, MARKER)):
+            print(f"completing the interrupted replacement of checkpoint {os.path.join(root, base)}", flush=True)
+            _swap_in(root, base)
+        else:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for name in os.listdir(root):
+        base = name[: -len(REPLACED)]
+        if name.endswith(REPLACED) and TAG_RE.match(base):
+            if os.path.isfile(os.path.join(root, base, MARKER)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            elif not os.path.exists(os.path.join(root, base)):
+                os.rename(os.path.join(root, name), os.path.join(root, base))
 
 
 def _store_tokenizer(path: str, model_meta: dict) -> dict | None:
@@ -229,6 +274,7 @@ def resume(engine, root: str, requested: str, world_size: int, seed: int = 0,
         return None, {}, info
     plan = None
     if is_rank0():
+        finish_interrupted_saves(root)
         tags = complete_tags(root)
         if requested == "auto":
             plan = (tags[::-1], None)

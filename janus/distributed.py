@@ -8,6 +8,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from janus import stop
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -19,7 +21,10 @@ def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; works under torchrun, the deepspeed
     launcher, srun (via torchrun) and plain ``python`` (a one-rank group). ``timeout_minutes``
     bounds every collective, including the waits of other ranks while rank 0 works alone
-    (scoring, export, pruning checkpoints). Returns (rank, world_size, local_rank)."""
+    (scoring, export, pruning checkpoints). Returns (rank, world_size, local_rank).
+    SIGUSR1/SIGTERM are recorded from here on (``janus.stop``): a stop asked for during start-up
+    is honoured at the first step boundary."""
+    stop.install()
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

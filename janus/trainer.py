@@ -3,7 +3,9 @@
 An entry point builds a model, a resumable batch iterator and a ``loss_fn``; ``train``
 does the rest, top to bottom: DeepSpeed config validation, engine set-up, resume, the
 step loop with gradient accumulation and non-finite guards, TensorBoard/console/JSONL
-logging, and checkpoints that count only when complete.
+logging, and checkpoints that count only when complete; around it the operations of a long
+run: stop signals that save (``janus.stop``), the step watchdog (``janus.watchdog``), the
+loss-spike guard (``janus.spikes``), profiler traces and memory snapshots (``janus.profiling``).
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from janus import checkpoint
-from janus.distributed import device, is_rank0, print0
+from janus import checkpoint, stop
+from janus.distributed import broadcast_object, device, is_rank0, print0
+from janus.profiling import MemorySnapshot, StepProfiler, parse_steps
+from janus.spikes import SpikeGuard
 from janus.steps import accum_for, full_precision_copy
+from janus.watchdog import StepWatchdog
 
 
 @dataclass
@@ -53,6 +58,11 @@ class FaultInjectionConfig:
     signal_at_step: int = field(default=0, metadata={"help": "testing: send SIGUSR1 to this process during this step"})
     crash_in_conversion: bool = field(default=False, metadata={
         "help": "testing: die inside an elastic-resume conversion, before it counts"})
+    spike_at_steps: list[int] = field(default_factory=list, metadata={
+        "help": "testing: multiply rank 0's loss by 100 at these steps (a loss spike)"})
+    hang_at_step: int = field(default=0, metadata={"help": "testing: rank faults.hang_rank stops responding in this step"})
+    hang_rank: int = field(default=0, metadata={"help": "testing: the rank that hangs (faults.hang_at_step)"})
+    step_sleep_seconds: float = field(default=0.0, metadata={"help": "testing: sleep this long in every step (slow steps)"})
 
 
 @dataclass
@@ -77,18 +87,47 @@ class RunConfig:
     dist_timeout_minutes: float = field(default=60.0, metadata={
         "help": "process-group timeout: the longest any rank may wait for the others (rank-0 scoring, export, "
                 "checkpoint pruning on a network file system)"})
+    hang_timeout_minutes: float = field(default=10.0, metadata={
+        "help": "step watchdog: when a training step has not finished in this many minutes, every rank writes the "
+                "Python stacks of all its threads to <save_dir>/hangs/<run start>/rank<R>.txt (and NCCL's flight "
+                "recorder where enabled) and the job exits with code 75 to be requeued; start-up, evaluation and "
+                "saving are bounded by dist_timeout_minutes instead (0 = off)"})
+    spike_guard: bool = field(default=False, metadata={
+        "help": "skip, on every rank and before backward, a micro-batch whose loss exceeds the mean of the last "
+                "spike_window accepted ones by more than spike_sigma standard deviations; counted as spike_skipped "
+                "and in the max_nonfinite total"})
+    spike_sigma: float = field(default=6.0, metadata={"help": "loss-spike guard: standard deviations above the mean"})
+    spike_window: int = field(default=128, metadata={
+        "help": "loss-spike guard: accepted micro-batch losses in the window; nothing is skipped before it is full"})
+    profile_steps: str = field(default="", metadata={
+        "help": "'A-B': torch.profiler traces of steps A..B on every rank in <save_dir>/profile (TensorBoard plugin "
+                "format and a Chrome trace; kernels, shapes and memory on CUDA)"})
+    memory_snapshot: int | None = field(default=None, metadata={
+        "help": "CUDA: record the allocator's history and dump a snapshot to <save_dir>/memory after step N, and "
+                "on an out-of-memory error (0: on OOM only; none: off)"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "peak dense TFLOP/s of one device for throughput/mfu (default: from the GPU model and precision)"})
     faults: FaultInjectionConfig = field(default_factory=lambda: FaultInjectionConfig())
 
+    def __post_init__(self):
+        parse_steps(self.profile_steps)  # a clear error now, not at step A
+        if self.hang_timeout_minutes < 0:
+            raise ValueError(f"run.hang_timeout_minutes must be >= 0 (0 = off), got {self.hang_timeout_minutes}")
+        if self.spike_sigma <= 0 or self.spike_window < 2:
+            raise ValueError(f"run.spike_sigma must be > 0 and run.spike_window >= 2, got {self.spike_sigma} and "
+                             f"{self.spike_window}")
+        if self.memory_snapshot is not None and self.memory_snapshot < 0:
+            raise ValueError(f"run.memory_snapshot must be a step >= 1, 0 (on OOM only) or none, got {self.memory_snapshot}")
+
 
 def peak_tflops_for_device(dev: torch.device, prec: str) -> float | None:
-    """Dense peak TFLOP/s of this GPU at this precision (fp32 runs use TF32 matmuls), if known."""
+    """Dense peak TFLOP/s of this GPU at this precision, if known (fp32 runs: the TF32 peak only
+    while TF32 matmuls are allowed, else plain fp32's)."""
     if dev.type != "cuda":
         return None
-    from janus.flops import peak_tflops_for
+    from janus.flops import fp32_matmul_kind, peak_tflops_for
 
-    return peak_tflops_for(torch.cuda.get_device_name(dev), "tf32" if prec == "fp32" else prec)
+    return peak_tflops_for(torch.cuda.get_device_name(dev), fp32_matmul_kind() if prec == "fp32" else prec)
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
@@ -276,195 +315,304 @@ def _stage0_overflow_guard(engine, out: dict):
         opt.overflow = False
 
 
+def _hang() -> None:
+    """Fault injection: this rank stops responding (the step watchdog must end the job)."""
+    while True:
+        time.sleep(3600)
+
+
+class _Loop:
+    """The training loop in phases: set-up (``__init__``: engine, resume, guards), one optimizer step
+    (``train_step`` / ``micro_batch``), the work after a step (``after_step``: log, evaluate, save,
+    stop) and the summary (``finish``)."""
+
+    def __init__(self, run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, loss_fn: Callable,
+                 model_meta: dict, config_dump: dict, evaluate: Callable | None):
+        self.run, self.loader, self.loss_fn, self.model_meta, self.evaluate = run, loader, loss_fn, model_meta, evaluate
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        ds_config = resolve_ds_config(run, optim, self.world)
+        torch.manual_seed(run.seed + self.rank)
+        self.engine, self.scheduler = build_engine(model, ds_config, optim, run.max_steps)
+        self.dev = device()
+        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.peak = run.peak_tflops or peak_tflops_for_device(self.dev, precision(ds_config))
+        self.root = os.path.join(run.save_dir, "checkpoints")
+        # Rank 0 chooses (broadcast), every rank verifies; damaged checkpoints fall back loudly (resume_info).
+        self.tag, client, self.resume_info = checkpoint.resume(self.engine, self.root, run.resume, self.world,
+                                                               seed=run.seed, fail_conversion=run.faults.crash_in_conversion)
+        self.accum = self.engine.gradient_accumulation_steps()  # an elastic resume keeps the saved global batch
+        self.step, self.nonfinite = client.get("step", 0), client.get("nonfinite", 0)
+        self.skipped_steps, self.spike_skipped = client.get("skipped_steps", 0), client.get("spike_skipped", 0)
+        if self.tag:
+            loader.load_state_dict(client["loader"])
+            print0(f"resumed from {os.path.join(self.root, self.tag)} at step {self.step}")
+        self.spikes = SpikeGuard(run.spike_sigma, run.spike_window, client.get("spike_window")) if run.spike_guard else None
+        if is_rank0():
+            os.makedirs(run.save_dir, exist_ok=True)
+            with open(os.path.join(run.save_dir, "config.json"), "w") as f:
+                json.dump(config_dump, f, indent=2, default=str)
+        self.tracker = _Tracker(run)
+        self.host_counts = getattr(loss_fn, "host_counts", None)
+        self.flops_of = getattr(loss_fn, "flops", None)
+        self.sums: dict[str, torch.Tensor] = {}  # device scalars, read back once per log step
+        self.host_sums: dict[str, float] = {}  # host counts (tokens, samples, FLOPs): never on the device
+        self.fired: set[tuple[str, int]] = set()  # fault hooks that already fired (once per listed step)
+        self.stage0: dict = {}
+        self.step_times: list[float] = []
+        self.window_start, self.data_wait, self.window_steps = time.perf_counter(), 0.0, 0
+        self.grad_norm, self.run_tokens = None, 0
+        run_tag = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))  # one hangs/ folder per run, the same on every rank
+        self.watchdog = (StepWatchdog(run.hang_timeout_minutes * 60, run.save_dir, run_tag, self.rank, self.world)
+                         if run.hang_timeout_minutes > 0 else None)
+        self.profiler = StepProfiler(parse_steps(run.profile_steps), run.save_dir, self.rank, self.engine.module, self.dev)
+        self.memory = MemorySnapshot(run.memory_snapshot, run.save_dir, self.rank, self.dev)
+
+    # ------------------------------------------------------------------ the loop
+    def loop(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.engine.train()
+        batches: Iterable = iter(self.loader)
+        started = False
+        while self.step < self.run.max_steps:
+            if self.watchdog is not None and started:  # the first step includes start-up (workers, NCCL set-up)
+                self.watchdog.arm(self.step + 1)
+            started = True
+            self.profiler.begin(self.step + 1)
+            applied, stop_signal = self.train_step(batches)
+            if (applied or stop_signal) and self.after_step(stop_signal):
+                break
+
+    def train_step(self, batches) -> tuple[bool, int]:
+        """One optimizer step: ``accum`` accepted micro-batches. Returns (applied, stop signal)."""
+        step_start, done, stop_signal, step_sums = time.perf_counter(), 0, 0, {}
+        while done < self.accum:
+            accepted, stop_signal, scalars, host = self.micro_batch(batches, done)
+            if not accepted:
+                continue
+            done += 1
+            for k, v in scalars.items():
+                step_sums[k] = step_sums[k] + v.detach().float() if k in step_sums else v.detach().float()
+            host["flops"] = self.flops_of(host) if self.flops_of is not None else 0.0
+            for k, v in host.items():
+                self.host_sums[k] = self.host_sums.get(k, 0.0) + float(v)
+            self.run_tokens += host.get("n_tokens", 0) + host.get("n_src", 0)
+        if not self.engine.was_step_applied():
+            # DeepSpeed skipped the update (fp16/bf16 overflow): the LR schedule did not move, so neither
+            # does our step counter; the grad norm of a skipped step is not logged.
+            self.skipped_steps += 1
+            self._count_skip(f"step {self.step + 1}: optimizer step skipped on overflow ({self.skipped_steps} so far")
+            return False, stop_signal
+        self.step += 1
+        self.window_steps += 1
+        for k, v in step_sums.items():  # the losses of a skipped step are not logged
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.step_times.append(time.perf_counter() - step_start)
+        norm = self.stage0["norm"] if self.zero_stage == 0 else self.engine.get_global_grad_norm()
+        self.grad_norm = float(norm) if norm is not None else float("nan")
+        if not math.isfinite(self.grad_norm):
+            self._count_skip(f"step {self.step}: non-finite grad norm (")
+        return True, stop_signal
+
+    def micro_batch(self, batches, done: int):
+        """Forward one micro-batch, agree with the other ranks, then backward + DeepSpeed step unless it is
+        skipped. Returns (accepted, stop signal, loss scalars, host counts)."""
+        with self.profiler.range("data wait"):
+            t = time.perf_counter()
+            batch = next(batches)
+            self.data_wait += time.perf_counter() - t
+        host = self.host_counts(batch) if self.host_counts is not None else {}
+        batch = {k: v.to(self.dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss, scalars = self.loss_fn(self.engine, batch, host) if self.host_counts is not None else self.loss_fn(self.engine, batch)
+        loss = self._faults(loss, done)
+        # One fused reduction per micro-batch, MAX over ranks: [loss not finite, stop signal, the loss], so
+        # every rank skips the same micro-batch, stops at the same step and sees the same largest loss for
+        # the spike guard. It runs before backward on purpose: a non-finite or spiking loss must never
+        # reach the gradients.
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        flags = torch.stack([(~finite).to(torch.float32), torch.full((), float(stop.requested()), device=loss.device),
+                             torch.where(finite, value, torch.zeros_like(value))])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop_signal, top = flags.tolist()
+        if bad:
+            self._count_skip(f"step {self.step + 1}: non-finite loss, batch skipped (")
+            return False, int(stop_signal), None, None
+        if self.spikes is not None:
+            limit = self.spikes.threshold()
+            if limit is not None and top > limit:
+                self.spike_skipped += 1
+                self._count_skip(f"step {self.step + 1}: loss spike {top:.4g} > {limit:.4g} (mean + {self.run.spike_sigma:g} "
+                                 f"sigma of the last {self.run.spike_window}), micro-batch skipped (spike_skipped "
+                                 f"{self.spike_skipped}; ")
+                return False, int(stop_signal), None, None
+            self.spikes.observe(top)
+        with self.profiler.range("backward"):
+            self.engine.backward(loss)
+        with self.profiler.range("optimizer step"):
+            if self.zero_stage == 0 and done == self.accum - 1:
+                with _stage0_overflow_guard(self.engine, self.stage0):
+                    self.engine.step()
+            else:
+                self.engine.step()
+        return True, int(stop_signal), scalars, host
+
+    def _count_skip(self, what: str) -> None:
+        """One more skip of any kind; the run stops after run.max_nonfinite of them."""
+        self.nonfinite += 1
+        print0(f"{what}{self.nonfinite}/{self.run.max_nonfinite})")
+        if self.nonfinite >= self.run.max_nonfinite:
+            raise RuntimeError(f"{self.nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
+
+    def _faults(self, loss: torch.Tensor, done: int) -> torch.Tensor:
+        """Test hooks (run.faults); each listed step fires once, on the step's first micro-batch."""
+        f, nxt = self.run.faults, self.step + 1
+        if done:
+            return loss
+
+        def once(kind: str, steps) -> bool:
+            if nxt not in steps or (kind, nxt) in self.fired:
+                return False
+            self.fired.add((kind, nxt))
+            return True
+
+        if once("nan", f.nan_at_steps):  # the retry with the next batch is clean
+            loss = loss * float("nan")
+        if once("inf", f.inf_grad_at_steps):
+            loss = _InfiniteGrad.apply(loss)
+        if once("spike", f.spike_at_steps) and self.rank == 0:
+            loss = loss * 100.0
+        if f.signal_at_step == nxt:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if f.step_sleep_seconds:
+            time.sleep(f.step_sleep_seconds)
+        if f.hang_at_step == nxt and f.hang_rank == self.rank:
+            _hang()
+        return loss
+
+    # ------------------------------------------------------------------ after a step
+    def after_step(self, stop_signal: int) -> bool:
+        """Log, evaluate, save as due; True when training stops here (a stop signal: saved first)."""
+        run, step = self.run, self.step
+        if self.window_steps and (step % run.log_every == 0 or step == run.max_steps or stop_signal):
+            with self.profiler.range("logging"):
+                self.log()
+        self.profiler.end(step)
+        self.memory.after_step(step)
+        # A stop signal saves first and skips a due evaluation: Slurm gives ~120 s after USR1, KillWait after TERM.
+        if self.evaluate is not None and not stop_signal and ((run.eval_every and step % run.eval_every == 0)
+                                                              or step == run.max_steps):
+            self._disarm()
+            self.engine.eval()
+            results = self.evaluate(full_precision_copy(self.engine.module, self.dev), step)
+            self.engine.train()
+            self.tracker.log_eval(step, results)
+        if step % run.save_every == 0 or step == run.max_steps or stop_signal:
+            self._disarm()
+            self.save()
+        if run.faults.crash_at_step == step:
+            os._exit(17)  # test hook: a kill right after this step
+        if stop_signal:
+            since = stop.received_at()
+            after = f" ({time.time() - since:.1f} s after the signal)" if since else ""
+            print0(f"signal {stop_signal} received: checkpoint saved at step {step}, stopping{after}")
+        return bool(stop_signal)
+
+    def _disarm(self) -> None:
+        if self.watchdog is not None:  # evaluation and saving are bounded by run.dist_timeout_minutes instead
+            self.watchdog.disarm()
+
+    def log(self) -> None:
+        """Reduce the window's sums over ranks (one all-reduce) and write one log record."""
+        names, host_names = sorted(self.sums), sorted(self.host_sums)
+        packed = torch.cat([torch.stack([self.sums[k] for k in names]).to(self.dev),
+                            torch.tensor([self.host_sums[k] for k in host_names], dtype=torch.float32, device=self.dev)])
+        dist.all_reduce(packed)
+        values = packed.tolist()
+        totals, host_totals = dict(zip(names, values[:len(names)])), dict(zip(host_names, values[len(names):]))
+        elapsed = time.perf_counter() - self.window_start
+        out = {f"loss/{k}": v / (self.world * self.accum * self.window_steps) for k, v in totals.items()}
+        n_tok = host_totals.get("n_tokens", 0.0)
+        tflops = host_totals.get("flops", 0.0) / self.world / elapsed / 1e12
+        opt = self.engine.optimizer
+        out.update({
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm if self.grad_norm is not None else float("nan"),
+            "loss_scale": float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)) or 1.0),
+            "throughput/tokens_per_s": n_tok / elapsed,
+            "throughput/samples_per_s": host_totals.get("n_samples", 0.0) / elapsed,
+            "throughput/data_wait_share": self.data_wait / elapsed, "nonfinite_skipped": self.nonfinite,
+            "skipped_steps": self.skipped_steps, "spike_skipped": self.spike_skipped,
+        })
+        if tflops:
+            out["throughput/tflops_per_device"] = tflops
+            if self.peak:
+                out["throughput/mfu"] = tflops / self.peak
+        if n_tok and "n_masked" in host_totals:
+            out["mask/decoder_ratio"] = host_totals["n_masked"] / n_tok
+        if host_totals.get("n_src") and "n_src_masked" in host_totals:
+            out["mask/encoder_ratio"] = host_totals["n_src_masked"] / host_totals["n_src"]
+        if self.dev.type == "cuda":
+            out["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+            out["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.dev) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.tracker.log(self.step, out, self.run.max_steps)
+        self.sums, self.host_sums, self.window_start, self.data_wait, self.window_steps = {}, {}, time.perf_counter(), 0.0, 0
+
+    def save(self) -> None:
+        engine = self.engine
+        client = {"step": self.step, "nonfinite": self.nonfinite, "skipped_steps": self.skipped_steps,
+                  "spike_skipped": self.spike_skipped, "loader": self.loader.state_dict(), "summary": {
+                      "world_size": self.world, "global_batch": engine.train_batch_size(),
+                      "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": self.accum}}
+        if self.spikes is not None:
+            client["spike_window"] = self.spikes.state()
+        checkpoint.save(engine, self.root, self.step, client, self.model_meta, self.run.keep_last,
+                        fail_midway=self.run.faults.crash_in_save_at_step == self.step)
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        """Stop the helpers (also after an error): watchdog, profiler (writes its traces), memory history, logs."""
+        if self.watchdog is not None:
+            self.watchdog.close()
+        self.profiler.close()
+        self.memory.close()
+        self.tracker.close()
+
+    def finish(self) -> dict:
+        run, times = self.run, self.step_times
+        median_step = sorted(times)[len(times) // 2] if times else float("nan")
+        tokens = torch.tensor([float(self.run_tokens)], device=self.dev)
+        dist.all_reduce(tokens)
+        summary = {"steps": self.step, "finished": self.step >= run.max_steps, "nonfinite_skipped": self.nonfinite,
+                   "skipped_steps": self.skipped_steps, "spike_skipped": self.spike_skipped,
+                   "resume_fallbacks": self.resume_info["fallbacks"], "resumed_from": self.tag,
+                   "median_step_seconds": median_step, "steps_this_run": len(times),
+                   "tokens_per_step": tokens.item() / len(times) if times else None,
+                   "checkpoint": checkpoint.latest_complete(self.root), "save_dir": run.save_dir, "run": asdict(run)}
+        if is_rank0():
+            with open(os.path.join(run.save_dir, "train_summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+
 def train(run: RunConfig, optim: OptimConfig, model: torch.nn.Module, loader, loss_fn: Callable,
           model_meta: dict, config_dump: dict, evaluate: Callable[[torch.nn.Module, int], dict] | None = None) -> dict:
     """Run the loop. ``loader`` iterates batches (dicts of tensors) forever and has
     ``state_dict``/``load_state_dict``; ``loss_fn(engine, batch) -> (loss, {name: scalar tensor})``.
     ``evaluate(module, step) -> {name: float}`` (collective: every rank calls it) runs every
     ``run.eval_every`` steps and at the end; its numbers go to TensorBoard under ``eval/``.
-    Returns a summary dict (also written to ``<save_dir>/train_summary.json``)."""
-    # SIGUSR1 (Slurm's --signal=USR1@T before walltime) or SIGTERM: save at the next step
-    # boundary and exit cleanly, so a requeued job resumes from there.
-    stop_signal = {"received": 0}
-
-    def request_stop(signum, frame):
-        stop_signal["received"] = signum
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-
-    world, rank = dist.get_world_size(), dist.get_rank()
-    ds_config = resolve_ds_config(run, optim, world)
-    accum = ds_config["gradient_accumulation_steps"]
-    torch.manual_seed(run.seed + rank)
-    engine, scheduler = build_engine(model, ds_config, optim, run.max_steps)
-    dev = device()
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    peak = run.peak_tflops or peak_tflops_for_device(dev, precision(ds_config))
-
-    root = os.path.join(run.save_dir, "checkpoints")
-    step, nonfinite = 0, 0
-    # Rank 0 chooses (broadcast), every rank verifies; damaged checkpoints fall back loudly (resume_info).
-    tag, client, resume_info = checkpoint.resume(engine, root, run.resume, world, seed=run.seed,
-                                                 fail_conversion=run.faults.crash_in_conversion)
-    accum = engine.gradient_accumulation_steps()  # an elastic resume keeps the saved global batch
-    if tag:
-        step, nonfinite = client["step"], client.get("nonfinite", 0)
-        loader.load_state_dict(client["loader"])
-        print0(f"resumed from {os.path.join(root, tag)} at step {step}")
-    if is_rank0():
-        os.makedirs(run.save_dir, exist_ok=True)
-        with open(os.path.join(run.save_dir, "config.json"), "w") as f:
-            json.dump(config_dump, f, indent=2, default=str)
-
-    tracker = _Tracker(run)
-    batches: Iterable = iter(loader)
-    host_counts = getattr(loss_fn, "host_counts", None)
-    flops_of = getattr(loss_fn, "flops", None)
-    sums: dict[str, torch.Tensor] = {}  # device scalars, read back once per log step
-    host_sums: dict[str, float] = {}  # host counts (tokens, samples, FLOPs): never on the device
-    poisoned: dict[int, bool] = {}
-    overflowed: dict[int, bool] = {}
-    stage0: dict = {}
-    step_times: list[float] = []
-    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-    skipped_steps, grad_norm, stop, run_tokens = client.get("skipped_steps", 0) if tag else 0, None, 0, 0
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    engine.train()
-    while step < run.max_steps:
-        step_start, done, stop, step_sums = time.perf_counter(), 0, 0, {}
-        while done < accum:
-            t = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - t
-            host = host_counts(batch) if host_counts is not None else {}
-            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss, scalars = loss_fn(engine, batch, host) if host_counts is not None else loss_fn(engine, batch)
-            if step + 1 in run.faults.nan_at_steps and done == 0 and not poisoned.get(step + 1):
-                poisoned[step + 1] = True  # once per listed step: the retry with the next batch is clean
-                loss = loss * float("nan")
-            if step + 1 in run.faults.inf_grad_at_steps and done == 0 and not overflowed.get(step + 1):
-                overflowed[step + 1] = True  # once per listed step, like nan_at_steps
-                loss = _InfiniteGrad.apply(loss)
-            if run.faults.signal_at_step == step + 1 and done == 0:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            # One fused reduction per micro-batch: [loss not finite, stop signal] (MAX over ranks), so
-            # every rank skips the same micro-batch and stops at the same step. It runs before
-            # backward on purpose: a non-finite loss must never reach the gradients.
-            flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
-                                 torch.full((), float(stop_signal["received"]), device=loss.device)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            stop = int(stop)
-            if bad:
-                nonfinite += 1
-                print0(f"step {step + 1}: non-finite loss, batch skipped ({nonfinite}/{run.max_nonfinite})")
-                if nonfinite >= run.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
-                continue
-            engine.backward(loss)
-            if zero_stage == 0 and done == accum - 1:
-                with _stage0_overflow_guard(engine, stage0):
-                    engine.step()
-            else:
-                engine.step()
-            done += 1
-            for k, v in scalars.items():
-                step_sums[k] = step_sums[k] + v.detach().float() if k in step_sums else v.detach().float()
-            host["flops"] = flops_of(host) if flops_of is not None else 0.0
-            for k, v in host.items():
-                host_sums[k] = host_sums.get(k, 0.0) + float(v)
-            run_tokens += host.get("n_tokens", 0) + host.get("n_src", 0)
-        if not engine.was_step_applied():
-            # DeepSpeed skipped the update (fp16/bf16 overflow): the LR schedule did not move, so neither
-            # does our step counter; the grad norm of a skipped step is not logged.
-            skipped_steps += 1
-            nonfinite += 1
-            print0(f"step {step + 1}: optimizer step skipped on overflow ({skipped_steps} so far; "
-                   f"{nonfinite}/{run.max_nonfinite})")
-            if nonfinite >= run.max_nonfinite:
-                raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
-            if not stop:
-                continue
-        else:
-            step += 1
-            window_steps += 1
-            for k, v in step_sums.items():  # the losses of a skipped step are not logged
-                sums[k] = sums[k] + v if k in sums else v
-            step_times.append(time.perf_counter() - step_start)
-            norm = stage0["norm"] if zero_stage == 0 else engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else float("nan")
-            if not math.isfinite(grad_norm):
-                nonfinite += 1
-                print0(f"step {step}: non-finite grad norm ({nonfinite}/{run.max_nonfinite})")
-                if nonfinite >= run.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite} non-finite losses/skipped steps: stopping (run.max_nonfinite)")
-        if window_steps and (step % run.log_every == 0 or step == run.max_steps or stop):
-            names = sorted(sums)
-            host_names = sorted(host_sums)
-            packed = torch.cat([torch.stack([sums[k] for k in names]).to(dev),
-                                torch.tensor([host_sums[k] for k in host_names], dtype=torch.float32, device=dev)])
-            dist.all_reduce(packed)
-            values = packed.tolist()
-            totals, host_totals = dict(zip(names, values[:len(names)])), dict(zip(host_names, values[len(names):]))
-            elapsed = time.perf_counter() - window_start
-            denom = world * accum * window_steps
-            out = {f"loss/{k}": v / denom for k, v in totals.items()}
-            n_tok = host_totals.get("n_tokens", 0.0)
-            tflops = host_totals.get("flops", 0.0) / world / elapsed / 1e12
-            out.update({
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-                "loss_scale": float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)) or 1.0),
-                "throughput/tokens_per_s": n_tok / elapsed,
-                "throughput/samples_per_s": host_totals.get("n_samples", 0.0) / elapsed,
-                "throughput/data_wait_share": data_wait / elapsed, "nonfinite_skipped": nonfinite,
-                "skipped_steps": skipped_steps,
-            })
-            if tflops:
-                out["throughput/tflops_per_device"] = tflops
-                if peak:
-                    out["throughput/mfu"] = tflops / peak
-            if n_tok and "n_masked" in host_totals:
-                out["mask/decoder_ratio"] = host_totals["n_masked"] / n_tok
-            if host_totals.get("n_src") and "n_src_masked" in host_totals:
-                out["mask/encoder_ratio"] = host_totals["n_src_masked"] / host_totals["n_src"]
-            if dev.type == "cuda":
-                out["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-                out["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(dev) / 2**30
-                torch.cuda.reset_peak_memory_stats(dev)
-            tracker.log(step, out, run.max_steps)
-            sums, host_sums, window_start, data_wait, window_steps = {}, {}, time.perf_counter(), 0.0, 0
-        # A stop signal saves first and skips a due evaluation: Slurm gives ~120 s after USR1.
-        if evaluate is not None and not stop and ((run.eval_every and step % run.eval_every == 0)
-                                                  or step == run.max_steps):
-            engine.eval()
-            results = evaluate(full_precision_copy(engine.module, dev), step)
-            engine.train()
-            tracker.log_eval(step, results)
-        if step % run.save_every == 0 or step == run.max_steps or stop:
-            client = {"step": step, "nonfinite": nonfinite, "skipped_steps": skipped_steps,
-                      "loader": loader.state_dict(), "summary": {
-                          "world_size": world, "global_batch": engine.train_batch_size(),
-                          "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": accum}}
-            checkpoint.save(engine, root, step, client, model_meta, run.keep_last,
-                            fail_midway=run.faults.crash_in_save_at_step == step)
-        if run.faults.crash_at_step == step:
-            os._exit(17)  # test hook: a kill right after this step
-        if stop:
-            print0(f"signal {stop} received: checkpoint saved at step {step}, stopping")
-            break
-    tracker.close()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
-    median_step = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    tokens = torch.tensor([float(run_tokens)], device=dev)
-    dist.all_reduce(tokens)
-    summary = {"steps": step, "finished": step >= run.max_steps, "nonfinite_skipped": nonfinite,
-               "skipped_steps": skipped_steps, "resume_fallbacks": resume_info["fallbacks"],
-               "resumed_from": tag, "median_step_seconds": median_step, "steps_this_run": len(step_times),
-               "tokens_per_step": tokens.item() / len(step_times) if step_times else None,
-               "checkpoint": checkpoint.latest_complete(root), "save_dir": run.save_dir, "run": asdict(run)}
-    if is_rank0():
-        with open(os.path.join(run.save_dir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+    SIGUSR1 / SIGTERM (Slurm's stops) save a checkpoint at the next step boundary and end the run
+    (``janus.stop``). Returns a summary dict (also written to ``<save_dir>/train_summary.json``)."""
+    previous = stop.install()
+    loop = _Loop(run, optim, model, loader, loss_fn, model_meta, config_dump, evaluate)
+    try:
+        loop.loop()
+    except torch.cuda.OutOfMemoryError:
+        loop.memory.dump("oom")
+        raise
+    finally:
+        loop.close()
+        stop.restore(previous)
+        stop.clear()
+    return loop.finish()

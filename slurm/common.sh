@@ -35,6 +35,7 @@ _janus_die() {
 _JANUS_STEP_PID=""
 _JANUS_STOP=0    # USR1 seen: training was asked to save and stop, the job should come back
 _JANUS_TRAPS=0   # how many trapped signals interrupted `wait`
+_JANUS_TERM=0    # TERM seen: scancel, the time limit or preemption; the trainer saves, the job does not requeue itself
 
 _janus_on_usr1() {
     _JANUS_TRAPS=$((_JANUS_TRAPS + 1))
@@ -48,9 +49,10 @@ _janus_on_usr1() {
 
 _janus_on_term() {
     _JANUS_TRAPS=$((_JANUS_TRAPS + 1))
-    # scancel / walltime / preemption: Slurm signals the step itself; keep waiting so the
-    # ranks get their KillWait grace period instead of the batch shell vanishing first.
-    _janus_log "TERM received: waiting for the training step to end"
+    _JANUS_TERM=1
+    # scancel / walltime (TERM and XCPU) / preemption: Slurm signals every process of the step itself; the ranks
+    # save a checkpoint at the next step boundary within KillWait. Keep waiting so they can.
+    _janus_log "TERM received: the trainer saves a checkpoint at the next step boundary; waiting for it"
     return 0
 }
 
@@ -166,17 +168,22 @@ janus_launch() {
         export SLURM_PROCID=0
     fi
     local rdzv=${RDZV_BACKEND:-static}
+    # torchrun handles neither TERM nor USR1 (see the node command below), so it outlives the ranks' save.
+    # shellcheck disable=SC2054  # the commas separate signal names inside one argument
     local -a torchrun=(--nnodes "$nnodes" --nproc_per_node "$nproc" --rdzv_backend "$rdzv"
-        --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "${SLURM_JOB_ID:-local}" --max_restarts 0)
+        --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "${SLURM_JOB_ID:-local}" --max_restarts 0
+        --signals_to_handle SIGINT,SIGHUP,SIGQUIT)
 
-    # Each node's task: ignore USR1 in torchrun (its default action would kill it; the trainer
-    # ranks install their own handler), then exec torchrun with this node's rank.
+    # Each node's task: torchrun ignores USR1, TERM and XCPU (Slurm sends them to every process of
+    # the step, XCPU at the time limit; USR1's and XCPU's default actions would kill torchrun, and
+    # torchrun's own TERM handling kills its ranks before they can save). The ranks install their own handlers, save at the next step
+    # boundary and exit; torchrun exits when they do. Then exec torchrun with this node's rank.
     # The single quotes are deliberate: $SLURM_PROCID must expand on each node, not here.
     # shellcheck disable=SC2016
     # DeepSpeed's JIT-built ops (cpu_adam for the offload configs) go to a node-local folder unless
     # TORCH_EXTENSIONS_DIR is set (e.g. to a pre-built shared copy, see slurm/README.md): many nodes
     # compiling into one shared home directory race on its lock files.
-    local node_cmd='trap "" USR1; export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_${USER:-janus}}"; py=$1; shift; exec "$py" -m torch.distributed.run --node_rank "$SLURM_PROCID" "$@"'
+    local node_cmd='trap "" USR1 TERM XCPU; export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_${USER:-janus}}"; py=$1; shift; exec "$py" -m torch.distributed.run --node_rank "$SLURM_PROCID" "$@"'
     local -a cmd=("${launcher[@]}" bash -c "$node_cmd" janus-node "$PYTHON" "${torchrun[@]}" "$entry" "${args[@]}")
 
     _janus_log "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}: $nnodes node(s) x $nproc rank(s), device $device, OMP_NUM_THREADS $OMP_NUM_THREADS, master $master_addr:$master_port"
@@ -189,7 +196,7 @@ janus_launch() {
 
     # Run the step in the background so the traps fire while it runs.
     trap _janus_on_usr1 USR1
-    trap _janus_on_term TERM
+    trap _janus_on_term TERM XCPU
     "${cmd[@]}" &
     _JANUS_STEP_PID=$!
     local rc traps_before
@@ -199,9 +206,13 @@ janus_launch() {
         wait "$_JANUS_STEP_PID" || rc=$?
         ((_JANUS_TRAPS != traps_before)) || break # not interrupted by a trap: the step ended
     done
-    trap - USR1 TERM
+    trap - USR1 TERM XCPU
     _janus_log "training step exited with $rc"
 
+    if ((_JANUS_TERM == 1)); then
+        _janus_log "stopped by TERM (scancel, time limit or preemption): not requeueing; a resubmitted job with the same SAVE_DIR resumes from the last complete checkpoint"
+        return "$rc"
+    fi
     if ((rc == 0)) && ((_JANUS_STOP == 0)) && _janus_stopped_early; then
         _JANUS_STOP=1 # the ranks were signalled directly (e.g. --signal=USR1@T without B:)
         _janus_log "the trainer stopped before max_steps on a signal"

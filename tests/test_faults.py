@@ -469,6 +469,38 @@ def test_legacy_complete_marker_without_file_list_still_resumes(group, tmp_path)
         checkpoint.resume(FakeEngine(), str(root), "auto", 1)
 
 
+class FailingEngine(FakeEngine):
+    """Dies in the middle of writing its shards (a kill, a full disk)."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        raise OSError("No space left on device")
+
+
+def test_saving_a_complete_step_again_never_deletes_it_first(group, tmp_path):
+    """A stop on an overflow-skipped step right after a resume saves the resumed step again: until the new
+    copy is complete, the old one must stay the checkpoint that resumes."""
+    root = tmp_path / "ckpt"
+    _save(root, 2)
+    _save(root, 4)
+    meta = {"bart_config": {}, "janus": {}}
+    again = {"step": 4, "nonfinite": 1, "skipped_steps": 1, "loader": {"consumed_samples": 5}, "summary": {"world_size": 1}}
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(FailingEngine(), str(root), 4, again, meta, keep_last=0)
+    tag, client, info = checkpoint.resume(FakeEngine(), str(root), "auto", 1)
+    assert (tag, client["loader"], info["fallbacks"]) == ("step_00000004", {"consumed_samples": 4}, 0)
+    assert not (root / "step_00000004.resave").exists()  # the incomplete copy is dropped
+    checkpoint.save(FakeEngine(), str(root), 4, again, meta, keep_last=0)  # a complete copy replaces it
+    assert checkpoint.complete_tags(str(root)) == ["step_00000002", "step_00000004"]
+    assert checkpoint.resume(FakeEngine(), str(root), "auto", 1)[1]["loader"] == {"consumed_samples": 5}
+    # Killed between the two renames of the swap: the complete new copy is put in place on resume.
+    shutil.copytree(root / "step_00000004", root / "step_00000004.resave")
+    (root / "step_00000004").rename(root / "step_00000004.replaced")
+    tag, client, _ = checkpoint.resume(FakeEngine(), str(root), "auto", 1)
+    assert tag == "step_00000004" and client["loader"] == {"consumed_samples": 5}
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+
+
 def test_cuda_rng_state_is_the_current_device_only(monkeypatch):
     state = torch.ByteTensor([1, 2, 3])
     seen = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import DIST_VARS, REPO, build_shards
+from e2e import DIST_VARS, REPO, build_shards, torchrun
 from slurm_cluster import SlurmCluster, missing_requirements
 
 SCRIPTS = ("slurm/pretrain.sh", "slurm/finetune.sh", "slurm/common.sh")
@@ -76,7 +76,10 @@ def test_launch_command_cpu_and_gpu_from_one_script_and_finetune_alike(tmp_path)
     cpu = _command(_dry_run("slurm/pretrain.sh", {"DEVICE": "cpu", "NPROC_PER_NODE": "2", "CONFIG": CONFIG,
                                                   "SAVE_DIR": "runs/x", "EXTRA_ARGS": "--run.max_steps 3"},
                             "--run.log_every", "1"))
-    assert cpu.startswith("bash -c 'trap \"\" USR1;") and '--node_rank "$SLURM_PROCID"' in cpu
+    # torchrun outlives a stop: it ignores USR1 and TERM (Slurm signals every process of the step) and handles
+    # neither, so the ranks save and torchrun exits when they do.
+    assert cpu.startswith("bash -c 'trap \"\" USR1 TERM XCPU;") and '--node_rank "$SLURM_PROCID"' in cpu
+    assert "--max_restarts 0 --signals_to_handle SIGINT\\,SIGHUP\\,SIGQUIT pretrain/train.py" in cpu
     # JIT-built DeepSpeed ops go to a node-local folder unless the user points at a shared pre-build.
     assert 'TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_' in cpu
     assert "--nnodes 1 --nproc_per_node 2 --rdzv_backend static --rdzv_endpoint 127.0.0.1:" in cpu
@@ -95,7 +98,8 @@ def test_launch_command_cpu_and_gpu_from_one_script_and_finetune_alike(tmp_path)
     assert cmd.startswith("srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=32 "
                           "bash -c ")
     assert ("--nnodes 2 --nproc_per_node 8 --rdzv_backend static --rdzv_endpoint gpu07:11234 --rdzv_id 1234 "
-            "--max_restarts 0 pretrain/train.py --config cfg.json --run.save_dir /ckpt/a\\ b --run.max_steps 10") in cmd
+            "--max_restarts 0 --signals_to_handle SIGINT\\,SIGHUP\\,SIGQUIT pretrain/train.py --config cfg.json "
+            "--run.save_dir /ckpt/a\\ b --run.max_steps 10") in cmd
     fin = _command(_dry_run("slurm/finetune.sh", alloc, "--run.max_steps", "10"))
     assert fin == cmd.replace("pretrain/train.py", "finetune/train.py")
     assert "no GPUs found" in _dry_run("slurm/pretrain.sh", {**alloc, "SLURM_GPUS_ON_NODE": "0"},
@@ -120,26 +124,41 @@ def shards(tmp_path_factory):
     return build_shards(tmp_path_factory.mktemp("slurm_data"))
 
 
-def _sbatch(cluster: SlurmCluster, name: str, out: Path, save_dir: Path, shards: Path, *trainer_args: str):
+def _sbatch(cluster: SlurmCluster, name: str, out: Path, save_dir: Path, shards: Path, *trainer_args: str,
+            sbatch_args: tuple[str, ...] = ("--time=5",)):
     """Start `sbatch --wait slurm/pretrain.sh` for the CPU path (1 node, 2 ranks); returns the Popen."""
     env = cluster.env()
     env.update(DEVICE="cpu", NPROC_PER_NODE="2", CONFIG=CONFIG, SAVE_DIR=str(save_dir), PYTHON=sys.executable)
     cmd = ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
-           "--time=5", f"--output={out}", "slurm/pretrain.sh", "--data.shards_dir", str(shards),
+           *sbatch_args, f"--output={out}", "slurm/pretrain.sh", "--data.shards_dir", str(shards),
            "--run.log_every", "1", *trainer_args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen, cluster: SlurmCluster, out: Path) -> str:
+def _finish(proc: subprocess.Popen, cluster: SlurmCluster, out: Path, ok: bool | None = True) -> str:
+    """Wait for `sbatch --wait`; its exit status must be 0 (ok), or anything (None: a cancelled or timed-out
+    job reports its batch script's status, 0 when the trainer saved and exited in time)."""
     try:
         stdout, stderr = proc.communicate(timeout=STEP_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
     log = out.read_text(errors="replace") if out.exists() else "(no job output)"
-    assert proc.returncode == 0, (f"sbatch --wait returned {proc.returncode}\n{stdout}\n{stderr}\n--- job output\n"
-                                  f"{log[-6000:]}\n{cluster.logs(tail=20)}")
+    assert ok is None or (proc.returncode == 0) == ok, (f"sbatch --wait returned {proc.returncode}\n{stdout}\n{stderr}\n--- job "
+                                          f"output\n{log[-6000:]}\n{cluster.logs(tail=20)}")
     return log
+
+
+def _wait_for(proc: subprocess.Popen, cluster: SlurmCluster, out: Path, what: str, condition) -> None:
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            log = out.read_text(errors="replace") if out.exists() else ""
+            pytest.fail(f"the job ended (sbatch: {proc.returncode}) or stalled before {what}:\n{stdout}{stderr}\n"
+                        f"{log[-3000:]}\n{cluster.logs(tail=20)}")
+        time.sleep(0.2)
 
 
 def _metric_rows(save_dir: Path) -> list[dict]:
@@ -239,3 +258,51 @@ def test_sbatch_finetune_trains_evaluates_and_exports(cluster, tmp_path):
     evals = [json.loads(line) for line in (save / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [5, 10]
     assert (save / "best" / "janus_extras.pt").exists()  # the NAR length head is exported with the model
+
+
+def _saved_at(log: str) -> int:
+    """The step a stop signal saved at (TERM = 15; at the time limit Slurm also sends XCPU = 24)."""
+    found = re.findall(r"signal (?:15|24) received: checkpoint saved at step (\d+), stopping", log)
+    assert len(found) == 1, log[-4000:]
+    return int(found[0])
+
+
+@pytest.mark.slow
+def test_sbatch_scancel_and_time_limit_save_and_the_next_job_resumes_exactly(cluster, shards, tmp_path):
+    """Slurm's own stops: `scancel` and the time limit send SIGTERM (the limit also SIGXCPU) to every process
+    of the step (torchrun, both ranks, their DataLoader workers), then SIGKILL after KillWait. Each must end in a complete checkpoint,
+    and the next job continue at the next step with the losses of an uninterrupted run."""
+    save = tmp_path / "run"
+    # A constant LR after warm-up: the jobs' --run.max_steps differ, and a decaying schedule depends on it.
+    common = ("--run.keep_last", "0", "--run.save_every", "1000", "--data.num_workers", "2", "--optim.schedule", "constant")
+    # 1. scancel while it trains.
+    out1 = tmp_path / "cancel.out"
+    proc = _sbatch(cluster, "janus-cancel", out1, save, shards, "--run.max_steps", "1000", *common)
+    _wait_for(proc, cluster, out1, "step 3", lambda: (_metric_rows(save) or [{"step": 0}])[-1]["step"] >= 3)
+    cluster.run("scancel", "--name", "janus-cancel")
+    log1 = _finish(proc, cluster, out1, ok=None)
+    first = _saved_at(log1)
+    assert _complete(save) == [first], log1[-4000:]
+    # 2. Resubmitted with a 1-minute limit, it resumes there and runs into the limit (slow steps keep the
+    # run short; CONT replaces the script's warning USR1, which Slurm would send before the limit).
+    out2 = tmp_path / "limit.out"
+    log2 = _finish(_sbatch(cluster, "janus-limit", out2, save, shards, "--run.max_steps", "1000",
+                           "--run.faults.step_sleep_seconds", "1", *common, sbatch_args=("--time=1", "--signal=B:CONT@1")),
+                   cluster, out2, ok=None)
+    assert f"resumed from {save}/checkpoints/step_{first:08d} at step {first}" in log2, log2[-4000:]
+    second = _saved_at(log2)
+    assert second > first and _complete(save) == [first, second], log2[-4000:]
+    # 3. Resubmitted again, it resumes at the second stop and finishes two steps later.
+    final = second + 2
+    out3 = tmp_path / "last.out"
+    log3 = _finish(_sbatch(cluster, "janus-last", out3, save, shards, "--run.max_steps", str(final), *common),
+                   cluster, out3)
+    assert f"resumed from {save}/checkpoints/step_{second:08d} at step {second}" in log3, log3[-4000:]
+    rows = _metric_rows(save)
+    assert [r["step"] for r in rows] == list(range(1, final + 1))  # each job continued at the next step
+    # 4. The same run, uninterrupted: every step's loss is the same.
+    ref = tmp_path / "ref"
+    torchrun("pretrain/train.py", ["--config", CONFIG, "--data.shards_dir", str(shards), "--run.save_dir", str(ref),
+                                   "--run.max_steps", str(final), "--run.log_every", "1", *common])
+    expected = {r["step"]: r["loss/total"] for r in _metric_rows(ref)}
+    assert {r["step"]: r["loss/total"] for r in rows} == pytest.approx(expected, rel=1e-6)
