@@ -37,10 +37,11 @@ from data_pipeline.loader import ResumableLoader
 from data_pipeline.tokenizer import load_tokenizer
 from finetune.data import TASK_MAX_TARGET, PairBatches, fingerprint, read_split, tokenize
 from finetune.evaluation import decode_gathered
+from finetune.glge_eval import PROTOCOLS
+from finetune.glge_eval import score as score_task
 from janus.config import add_config_arguments, config_from_args, to_dict
 from janus.decoding import BeamConfig, MaskPredictConfig
 from janus.distributed import init_distributed, is_rank0, print0, shutdown_distributed
-from janus.metrics import evaluate as score_task
 from janus.model import JanusBart
 from janus.objectives import ObjectiveConfig
 from janus.speculative import SpecConfig, combine_stats
@@ -80,6 +81,13 @@ class EvalConfig:
     iterations: int = field(default=4, metadata={"help": "mask-predict refinement passes for NAR validation"})
     length_candidates: int = 5
     meteor: bool = field(default=False, metadata={"help": "METEOR (a JVM run) in validation scores"})
+    protocol: str = field(default="official", metadata={
+        "help": "official (GLGE's official evaluation of the raw outputs, as published numbers) | modern "
+                "(re-derived metrics on the outputs as given); see docs/metrics.md"})
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--eval.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
 
 @dataclass
@@ -184,7 +192,7 @@ def main(argv=None) -> dict:
 
     def dev_scores(preds: list[str]) -> dict:
         srcs = dev_src if cfg.task in ("squadqg", "msqg") else None
-        results = score_task(cfg.task, preds, dev_tgt, srcs, meteor=cfg.eval.meteor)
+        results = score_task(cfg.task, preds, dev_tgt, srcs, protocol=cfg.eval.protocol, meteor=cfg.eval.meteor)
         score = results.get("overall")
         if score is None:
             score = sum(v for k, v in results.items() if isinstance(v, float) and k not in ("repetition",))
@@ -218,7 +226,7 @@ def main(argv=None) -> dict:
                 module.save_pretrained(best_dir)
                 tokenizer.save_pretrained(best_dir)
                 with open(best_file, "w") as f:
-                    json.dump({"step": step, **results}, f, indent=2)
+                    json.dump({"step": step, "protocol": cfg.eval.protocol, **results}, f, indent=2)
                 with open(os.path.join(best_dir, "dev_predictions.txt"), "w") as f:
                     f.write("\n".join(preds) + "\n")
             results["best"] = max(best, results["score"])

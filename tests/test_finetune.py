@@ -35,7 +35,9 @@ def losses(save):
 def test_finetune_decode_and_evaluate(base_model, tmp_path, mode, stage):
     task = write_copy_task(tmp_path / "task")
     save = tmp_path / "run"
-    finetune(base_model, task, save, mode, extra=("--run.deepspeed_config", f"ds_configs/zero{stage}_fp32_cpu.json"))
+    protocol = "official" if mode == "ar" else "modern"  # the default, and the alternative by flag
+    finetune(base_model, task, save, mode, extra=("--run.deepspeed_config", f"ds_configs/zero{stage}_fp32_cpu.json",
+                                                  *(() if protocol == "official" else ("--eval.protocol", protocol))))
     rows = losses(save)
     main = "loss/ar" if mode == "ar" else "loss/nar"
     assert rows[-1][main] < 0.7 * rows[0][main]
@@ -46,6 +48,12 @@ def test_finetune_decode_and_evaluate(base_model, tmp_path, mode, stage):
     best = save / "best"
     scores = json.loads((best / "dev_scores.json").read_text())
     assert scores["score"] == max(e["score"] for e in evals)
+    # Dev selection scores with the chosen protocol: the best predictions rescored by glge_eval agree.
+    from finetune.glge_eval import score
+    preds = (best / "dev_predictions.txt").read_text().splitlines()
+    refs = (task / "dev.tgt").read_text().splitlines()[:len(preds)]
+    assert scores["protocol"] == protocol
+    assert scores["score"] == pytest.approx(score("xsum", preds, refs, protocol=protocol)["overall"])
     # The exported best model holds real (not ZeRO-partitioned, empty) weights.
     exported = JanusBart.from_bart(str(best))
     assert exported.model.shared.weight.shape[0] > 100 and exported.model.shared.weight.abs().sum() > 0
