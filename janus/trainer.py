@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -315,8 +316,9 @@ def _stage0_overflow_guard(engine, out: dict):
         opt.overflow = False
 
 
-def _hang() -> None:
+def _hang(rank: int, step: int) -> None:
     """Fault injection: this rank stops responding (the step watchdog must end the job)."""
+    print(f"rank {rank}: test hook: hanging in step {step} at {time.time():.3f}", file=sys.stderr, flush=True)
     while True:
         time.sleep(3600)
 
@@ -487,7 +489,7 @@ class _Loop:
         if f.step_sleep_seconds:
             time.sleep(f.step_sleep_seconds)
         if f.hang_at_step == nxt and f.hang_rank == self.rank:
-            _hang()
+            _hang(self.rank, nxt)
         return loss
 
     # ------------------------------------------------------------------ after a step

@@ -99,7 +99,7 @@ class StepWatchdog:
         except Exception as err:  # noqa: BLE001 - a diagnosis must never mask the hang itself
             print(f"rank {self.rank}: NCCL flight recorder dump failed: {err}", file=sys.stderr, flush=True)
             return None
-        path = os.path.join(self.folder, f"rank{self.rank}.nccl_trace.pkl")
+        path = os.path.join(self.folder, f"nccl_trace_rank_{self.rank}")  # torchfrtrace -p nccl_trace_rank <folder>
         with open(path, "wb") as f:
             f.write(data)
         return path

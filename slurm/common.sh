@@ -21,7 +21,8 @@
 #   MASTER_PORT      rendezvous port; default 10000 + job id % 20000
 #   RDZV_BACKEND     static (default: node rank = SLURM_PROCID) | c10d
 #   SOCKET_IFNAME    sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (other NCCL_*/GLOO_* pass through)
-#   REQUEUE          1 (default): after a USR1 stop, `scontrol requeue` the job; 0: just exit
+#   REQUEUE          1 (default): after a USR1 stop or a hang, `scontrol requeue` the job; 0: just exit
+#   HANG_REQUEUES    requeue after a hung step only while SLURM_RESTART_COUNT is below this (default 2)
 #   DRY_RUN          1: print the launch command and exit
 
 _janus_log() { printf '[janus-slurm %(%H:%M:%S)T] %s\n' -1 "$*"; }
@@ -80,6 +81,12 @@ _janus_gpus_on_node() {
     fi
 }
 
+# Number of hang reports (one folder per hung run) the step watchdog left in SAVE_DIR/hangs.
+_janus_hang_reports() {
+    [[ -n ${SAVE_DIR:-} && -d $SAVE_DIR/hangs ]] || { echo 0; return; }
+    find "$SAVE_DIR/hangs" -mindepth 1 -maxdepth 1 -type d | wc -l
+}
+
 # True when the trainer exited cleanly but did not reach max_steps (it stopped on a signal).
 _janus_stopped_early() {
     local summary=${SAVE_DIR:-}/train_summary.json
@@ -130,6 +137,13 @@ janus_launch() {
             export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
             export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}  # name used by torch < 2.2
             export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+            # NCCL's flight recorder: the last collectives of every process group, dumped by the step
+            # watchdog (and by NCCL's own timeout) next to the Python stacks in SAVE_DIR/hangs.
+            export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+            export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+            if [[ -n ${SAVE_DIR:-} && -z ${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-} ]]; then
+                mkdir -p "$SAVE_DIR/hangs" && export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=$SAVE_DIR/hangs/nccl_trace_rank_
+            fi
             ;;
         *) _janus_die "DEVICE must be gpu or cpu, not '$device'" ;;
     esac
@@ -197,6 +211,8 @@ janus_launch() {
     # Run the step in the background so the traps fire while it runs.
     trap _janus_on_usr1 USR1
     trap _janus_on_term TERM XCPU
+    local hangs_before
+    hangs_before=$(_janus_hang_reports)
     "${cmd[@]}" &
     _JANUS_STEP_PID=$!
     local rc traps_before
@@ -212,6 +228,14 @@ janus_launch() {
     if ((_JANUS_TERM == 1)); then
         _janus_log "stopped by TERM (scancel, time limit or preemption): not requeueing; a resubmitted job with the same SAVE_DIR resumes from the last complete checkpoint"
         return "$rc"
+    fi
+    if ((rc != 0)) && (($(_janus_hang_reports) > hangs_before)); then
+        _janus_log "a training step hung: every rank's Python stacks are in $SAVE_DIR/hangs (newest folder)"
+        if [[ ${REQUEUE:-1} == 1 && -n ${SLURM_JOB_ID:-} ]] && ((${SLURM_RESTART_COUNT:-0} < ${HANG_REQUEUES:-2})); then
+            _janus_log "requeueing job $SLURM_JOB_ID (HANG_REQUEUES=${HANG_REQUEUES:-2}); it resumes from the last complete checkpoint"
+            scontrol requeue "$SLURM_JOB_ID" || _janus_log "scontrol requeue failed: resubmit by hand, it resumes"
+        fi
+        return 75
     fi
     if ((rc == 0)) && ((_JANUS_STOP == 0)) && _janus_stopped_early; then
         _JANUS_STOP=1 # the ranks were signalled directly (e.g. --signal=USR1@T without B:)

@@ -605,3 +605,64 @@ def test_e2e_killed_save_truncated_checkpoint_fallback_and_export_tokenizer(shar
         export_main(["--save-dir", str(run), "--out", str(tmp_path / "hf2")])
     assert "step_00000006/tokenizer/tokenizer.json: " in capsys.readouterr().err  # size or sha256
     assert not (tmp_path / "hf2").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_e2e_hung_rank_ends_the_job_with_every_ranks_stacks_and_the_rerun_resumes(pristine, tmp_path):
+    """Rank 1 stops responding in step 4; rank 0 waits for it inside a collective. Both watchdogs fire on
+    their own deadline: every rank's stacks are on disk (the hung one names the line it hangs on), the job
+    exits non-zero within the timeout, and the rerun resumes from the last complete checkpoint."""
+    import inspect
+    import re
+
+    from janus import trainer
+
+    run = tmp_path / "run"
+    timeout_s = 12
+    args = ["--config", "pretrain/configs/tiny_cpu.json", "--data.shards_dir", str(pristine), "--run.save_dir", str(run),
+            "--run.max_steps", "5", "--run.save_every", "2", "--run.log_every", "1", "--run.keep_last", "0",
+            "--run.hang_timeout_minutes", str(timeout_s / 60)]
+    hung = torchrun("pretrain/train.py", [*args, "--run.faults.hang_at_step", "4", "--run.faults.hang_rank", "1"],
+                    check=False, timeout=300)
+    ended = time.time()
+    text = hung.stdout + hung.stderr
+    assert hung.returncode != 0 and "exitcode  : 75" in text, text[-4000:]
+    began = float(re.search(r"rank 1: test hook: hanging in step 4 at ([\d.]+)", text).group(1))
+    assert timeout_s <= ended - began < timeout_s + 30, (ended - began, text[-3000:])
+    folders = list((run / "hangs").iterdir())
+    assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == ["rank0.txt", "rank1.txt"]
+    lines, first = inspect.getsourcelines(trainer._hang)
+    sleep_line = first + next(i for i, ln in enumerate(lines) if "time.sleep" in ln)
+    stacks = {r: (folders[0] / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert f'trainer.py", line {sleep_line} in _hang' in stacks[1], stacks[1]
+    assert "step 4 did not finish" in stacks[0] and "in micro_batch" in stacks[0], stacks[0]  # waiting in the reduction
+    assert checkpoint.complete_tags(str(run / "checkpoints")) == ["step_00000002"]
+    rerun = torchrun("pretrain/train.py", args, timeout=300)
+    assert f"resumed from {run}/checkpoints/step_00000002 at step 2" in rerun.stdout + rerun.stderr
+    assert json.loads((run / "train_summary.json").read_text())["finished"]
+
+
+@pytest.mark.slow
+def test_e2e_loss_spike_is_skipped_on_every_rank_after_warm_up_and_survives_resume(pristine, tmp_path):
+    """Rank 0's loss is multiplied by 100 at steps 2 and 8 (window 4 micro-batches). Step 2 is in the
+    window's warm-up: trained on. Step 8's micro-batch is skipped on both ranks (one rank alone would
+    desynchronise ZeRO's gradient reduction). Killed after step 9 and resumed from step 5, the run skips
+    step 8 again from the restored window and repeats steps 6-9 exactly."""
+    run = tmp_path / "run"
+    args = ["--config", "pretrain/configs/tiny_cpu.json", "--data.shards_dir", str(pristine), "--run.save_dir", str(run),
+            "--run.max_steps", "10", "--run.save_every", "5", "--run.log_every", "1", "--run.keep_last", "0",
+            "--run.spike_guard", "true", "--run.spike_window", "4", "--run.faults.spike_at_steps", "[2, 8]"]
+    killed = torchrun("pretrain/train.py", [*args, "--run.faults.crash_at_step", "9"], check=False, timeout=300)
+    assert killed.returncode != 0
+    text = killed.stdout + killed.stderr
+    assert "step 2: loss spike" not in text and text.count("loss spike") == 1, text[-3000:]
+    assert "step 8: loss spike" in text and "micro-batch skipped (spike_skipped 1; 1/20)" in text, text[-3000:]
+    first = {r["step"]: r for r in reversed(_logged(run))}
+    assert [first[s]["spike_skipped"] for s in (7, 8, 9)] == [0, 1, 1]
+    resumed = torchrun("pretrain/train.py", args, timeout=300)
+    assert "step 8: loss spike" in resumed.stdout + resumed.stderr  # the window came back with the checkpoint
+    again = {r["step"]: r for r in _logged(run)}
+    for step in range(6, 10):
+        assert again[step]["loss/total"] == pytest.approx(first[step]["loss/total"], rel=1e-6), step
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["spike_skipped"] == 1 and summary["nonfinite_skipped"] == 1 and summary["finished"]
