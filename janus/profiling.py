@@ -1,9 +1,10 @@
 """Where time and memory go: ``torch.profiler`` traces of chosen steps, CUDA memory snapshots.
 
 ``--run.profile_steps A-B`` profiles steps A..B on every rank and writes, under
-``<save_dir>/profile/``, the TensorBoard profiler plugin's trace (``rank<R>.<time>.pt.trace.json``,
-open with ``tensorboard --logdir <save_dir>/profile``) and a Chrome trace
-(``rank<R>.chrome_trace.json``, open in ``chrome://tracing`` or https://ui.perfetto.dev). The ranges
+``<save_dir>/profile/``, a Chrome trace (``rank<R>.chrome_trace.json``, open in ``chrome://tracing``
+or https://ui.perfetto.dev) and the same trace under the TensorBoard profiler plugin's name
+(``rank<R>.<time>.pt.trace.json``, what ``tensorboard_trace_handler`` writes; ``tensorboard --logdir
+<save_dir>/profile`` with ``torch-tb-profiler`` installed). The ranges
 are named ``data wait``, ``stream building``, ``encoder``, ``decoder``, ``vocabulary losses``,
 ``backward``, ``optimizer step`` and ``logging``; on CUDA the trace also records the kernels,
 tensor shapes and memory.
@@ -17,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import sys
+import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function, tensorboard_trace_handler
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 def parse_steps(text: str) -> tuple[int, int] | None:
@@ -106,9 +109,13 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self._names.__exit__(None, None, None)
         os.makedirs(self.folder, exist_ok=True)
-        tensorboard_trace_handler(self.folder, worker_name=f"rank{self.rank}")(prof)
         chrome = os.path.join(self.folder, f"rank{self.rank}.chrome_trace.json")
-        prof.export_chrome_trace(chrome)
+        prof.export_chrome_trace(chrome)  # a trace exports once: the plugin's file is the same JSON, linked
+        plugin = os.path.join(self.folder, f"rank{self.rank}.{time.time_ns()}.pt.trace.json")  # tensorboard_trace_handler's name
+        try:
+            os.link(chrome, plugin)
+        except OSError:
+            shutil.copyfile(chrome, plugin)
         if self.rank == 0:
             print(f"profile of steps {self.steps[0]}-{self.steps[1]}: {self.folder} (TensorBoard: tensorboard "
                   f"--logdir {self.folder}; Chrome/Perfetto: {chrome})", flush=True)
