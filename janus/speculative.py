@@ -75,7 +75,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -413,99 +413,18 @@ def _speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mas
     verification), ``replays`` / ``replay_steps`` (near-ties resolved exactly, incremental steps they
     took), ``lossless``.
     """
-    B, dev = input_ids.shape[0], input_ids.device
-    pad, eos, mask_id = model.config.pad_token_id, model.config.eos_token_id, model.mask_token_id
-    max_len, window = cfg.max_len, cfg.window
-    if max_len >= model.config.max_position_embeddings:
-        raise ValueError(f"max_len {max_len} needs decoder positions up to {max_len}, but the model has "
-                         f"{model.config.max_position_embeddings}")
-    draft_fn = drafter or _draft
-    clock = _Clock(profile, dev)
-    enc = model.encode(input_ids, attention_mask)
-    cross = model.cross_kv(enc)
-    cross_mask = model.cross_mask(attention_mask)
-    use_head = cfg.draft_length == "head" and model.length_head is not None
-    len_logits = model.length_logits(enc, attention_mask).float() if use_head else None
-    tau = cfg.margin_for(enc.dtype)
-    verifier = _Verifier(model, cross, cross_mask, B, max_len + window + 2)
-    width = max_len + window + 1
-    out = torch.full((B, max_len), pad, dtype=torch.long, device=dev)
-    out_score = torch.zeros(B, device=dev)
-    # Row state (compacted as rows finish).
-    idx = torch.arange(B, device=dev)
-    toks = torch.full((B, width), pad, dtype=torch.long, device=dev)  # committed tokens, then pad
-    L = torch.zeros(B, dtype=torch.long, device=dev)
-    last = torch.full((B,), model.config.decoder_start_token_id, dtype=torch.long, device=dev)
-    score = torch.zeros(B, device=dev)
-    draft = torch.full((B, width), pad, dtype=torch.long, device=dev)  # draft[r, j] is for slot L + j
-    dlen = torch.zeros(B, dtype=torch.long, device=dev)
-    fresh = torch.zeros(B, dtype=torch.bool, device=dev)
-    win = torch.full((B,), window, dtype=torch.long, device=dev)
-    guard = guard if guard is not None else SpecGuard(cfg)
-    # What the guard learnt carries over between batch-1 calls only (see the module docstring).
-    cool0, pause0, probe0 = guard.start() if cfg.adaptive and B == 1 else (0, cfg.backoff, window)
-    cool = torch.full((B,), cool0, dtype=torch.long, device=dev)
-    pause = torch.full((B,), pause0, dtype=torch.long, device=dev)
-    probe = torch.full((B,), probe0, dtype=torch.long, device=dev)  # window of the next fresh draft
-    verifications = torch.zeros(B, dtype=torch.long, device=dev)
-    first_judged = False  # batch 1: the source's first draft was judged (SpecGuard.outcome)
-    replays: dict[int, _Replay] = {}
-    st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0, "verifications": 0,
-          "drafted_verifications": 0, "accepted": 0, "replays": 0, "replay_steps": 0, "single_verification": 0}
-    ar_slots = torch.arange(width, device=dev)
-    not_eos = torch.arange(model.config.vocab_size, device=dev) != eos
-    n_drafted = n_accepted = torch.zeros((), dtype=torch.long, device=dev)
-
-    def resolve(rows: torch.Tensor, slot: torch.Tensor, committed: torch.Tensor, nxt: torch.Tensor,
-                new_score: torch.Tensor) -> None:
-        """Greedy's own token (and score) at ``slot`` for the uncertified ``rows``, by exact replay."""
-        nonlocal replayed
-        replayed = True
-        for r in rows.tolist():
-            b = int(idx[r])
-            rep = replays.get(b)
-            if rep is None:
-                rep = replays[b] = _Replay(model, input_ids[b], attention_mask[b])
-            before = rep.steps
-            tok, s = rep.token_at(int(slot[r]), committed[r], cfg)
-            st["replays"] += 1
-            st["replay_steps"] += rep.steps - before
-            nxt[r] = tok
-            new_score[r] = s[0]
-
-    while len(idx):
-        R = len(idx)
-        clock.lap("ms_encoder" if clock.first else "ms_verify")
+    run = _Decode(model, input_ids, attention_mask, cfg, profile, drafter, guard)
+    s, st, guard = run.rows, run.st, run.guard
+    max_len, eos = cfg.max_len, model.config.eos_token_id
+    while len(s.idx):
+        R = len(s.idx)
+        run.clock.lap("ms_encoder" if run.clock.first else "ms_verify")
         # Guard timings are read where the loop synchronises anyway (the .any()/.max() reads).
-        t_top, drafted_rows, replayed = time.perf_counter(), 0, False
+        t_top, run.replayed = time.perf_counter(), False
         # 1. Draft the rows that have no usable draft and are not pausing.
-        need = (dlen == 0) & (cool == 0) & (L < max_len - 1)
-        if bool(need.any()):
-            rows = need.nonzero().squeeze(1)
-            sub_L = L[rows]
-            if use_head:
-                n_cls = len_logits.shape[1]
-                lengths = torch.arange(n_cls, device=dev)
-                allowed = (lengths >= torch.clamp(sub_L + 1, min=2)[:, None]) & (lengths <= max_len)
-                ll = len_logits[rows].masked_fill(~allowed, float("-inf"))
-                N = torch.where(allowed.any(1), ll.argmax(1), torch.clamp(sub_L + window, max=max_len))
-            else:
-                N = torch.clamp(sub_L + window, max=max_len)
-            all_rows = len(rows) == R
-            sub_cross = verifier.cross if all_rows else [(k[rows], v[rows]) for k, v in verifier.cross]
-            sub_mask = verifier.cross_mask if all_rows else verifier.cross_mask[rows]
-            new, new_len = draft_fn(model, toks[rows], sub_L, N, sub_cross, sub_mask, int(probe[rows].max()))
-            draft[rows] = pad
-            draft[rows, :new.shape[1]] = new
-            dlen[rows] = new_len
-            fresh[rows] = True
-            win[rows] = probe[rows]
-            st["draft_passes"] += 1
-            st["row_passes"] += len(rows)
-            drafted_rows = len(rows)
-            clock.lap("ms_draft")
+        drafted_rows = run.draft_phase()
         # 2. Verify: w draft tokens per row in one AR pass.
-        w = torch.minimum(torch.minimum(win, dlen), max_len - 1 - L).clamp(min=0)
+        w = torch.minimum(torch.minimum(s.win, s.dlen), max_len - 1 - s.L).clamp(min=0)
         W = int(w.max())
         t_verify = time.perf_counter()
         if drafted_rows and R == 1:
@@ -513,106 +432,279 @@ def _speculative_decode(model: JanusBart, input_ids: torch.Tensor, attention_mas
         st["verify_passes"] += 1
         st["row_passes"] += R
         st["verifications"] += R
-        verifications += 1
+        s.verifications += 1
         if W == 0:  # no row holds a draft: a greedy-like step (one content token, one query)
-            lp = torch.log_softmax(model.logits(verifier.run(last[:, None], L)[:, 0]).float(), dim=-1)  # [R, V]
-            lp = _bans(lp[:, None], L[:, None], toks, cfg, not_eos, (pad, mask_id, eos))[:, 0]
-            best_lp, nxt = lp.max(-1)
-            cert = _certified(lp, best_lp, nxt, score, tau)
-            new_score = score + best_lp
-            if not bool(cert.all()):
-                clock.lap("ms_verify")
-                resolve((~cert).nonzero().squeeze(1), L, toks, nxt, new_score)
-                clock.lap("ms_replay")
-            toks.scatter_(1, L[:, None], nxt[:, None])
-            last, L, score = nxt, L + 1, new_score
-            if cfg.adaptive:
-                cool = (cool - 1).clamp(min=0)
+            run.greedy_step()
         else:
-            content = torch.cat([last[:, None], draft[:, :W]], 1)
-            lp = torch.log_softmax(model.logits(verifier.run(content, L)).float(), dim=-1)  # [R, W+1, V]
-            t = L[:, None] + torch.arange(W + 1, device=dev)  # output slot of each query
-            seq = toks.scatter(1, t[:, :W], draft[:, :W]) if cfg.no_repeat_ngram else toks
-            lp = _bans(lp, t, seq, cfg, not_eos, (pad, mask_id, eos))
-            d = content[:, 1:]
-            d_lp = lp[:, :W].gather(-1, d[..., None]).squeeze(-1)  # [R, W]
-            sums = [score]
-            for i in range(W):  # float32 sums in greedy's order: score after slot i
-                sums.append(sums[-1] + d_lp[:, i])
-            S = torch.stack(sums, 1)  # [R, W+1]: score before each slot if the drafts before it are taken
-            best_lp, ar_tok = lp.max(-1)
-            cert = _certified(lp, best_lp, ar_tok, S, tau)
-            ok = (ar_tok[:, :W] == d) & cert[:, :W]
-            if cfg.relaxed_topk:
-                better = (lp[:, :W] > d_lp[..., None]).sum(-1)
-                ok |= (better < cfg.relaxed_topk) & (d_lp >= best_lp[:, :W] - cfg.relaxed_margin) & torch.isfinite(d_lp)
-            ok &= torch.arange(W, device=dev) < w[:, None]
-            acc = ok.long().cumprod(1).sum(1)  # accepted draft tokens per row
-            acc_eos = (acc > 0) & (d.gather(1, (acc - 1).clamp(min=0)[:, None]).squeeze(1) == eos)
-            nxt = ar_tok.gather(1, acc[:, None]).squeeze(1)
-            nxt_ok = cert.gather(1, acc[:, None]).squeeze(1) | acc_eos
-            new_score = S.gather(1, acc[:, None]).squeeze(1)  # the score after the accepted drafts, + the AR token's
-            new_score = torch.where(acc_eos, new_score, new_score + best_lp.gather(1, acc[:, None]).squeeze(1))
-            j = torch.arange(W + 1, device=dev)
-            if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
-                clock.lap("ms_verify")
-                committed = toks.scatter(1, t[:, :W], torch.where(j[None, :W] < acc[:, None], d, pad))
-                resolve((~nxt_ok).nonzero().squeeze(1), L + acc, committed, nxt, new_score)
-                clock.lap("ms_replay")
-            # 3. Commit ``acc`` draft tokens and (unless the draft closed with </s>) the AR's token.
-            n_commit = acc + (~acc_eos).long()
-            commit = torch.where(j[None] < acc[:, None], torch.cat([d, d.new_full((R, 1), pad)], 1), nxt[:, None])
-            toks = toks.scatter(1, t, torch.where(j[None] < n_commit[:, None], commit, toks.gather(1, t)))
-            last = commit.gather(1, (n_commit - 1)[:, None]).squeeze(1)
-            L = L + n_commit
-            score = new_score
-            had = w > 0
-            n_drafted = n_drafted + had.sum()
-            n_accepted = n_accepted + acc.sum()
-            # The draft moves on by what was committed; it goes stale where the AR disagreed.
-            dlen = (dlen - n_commit).clamp(min=0)
-            shift = (ar_slots[None] + n_commit[:, None]).clamp(max=width - 1)
-            draft = draft.gather(1, shift).masked_fill(ar_slots[None] >= dlen[:, None], pad)
-            failed = had & (acc == 0)
-            dlen = dlen.masked_fill(failed, 0)
-            if cfg.adaptive:
-                full = had & (acc == w)
-                win = torch.where(full, win, torch.where(had, (2 * acc).clamp(min=1, max=window), win))
-                fresh_fail = had & fresh & (acc < (guard.min_accept() if R == 1 else 2))  # saved less than it cost
-                if drafted_rows and B == 1 and not first_judged and bool(had[0]):
-                    # Only a source's first draft informs how the next source starts: later ones
-                    # (often short drafts at the tail of an output) say little about it.
-                    guard.outcome(0.0 if bool(fresh_fail[0]) else 1.0)
-                    first_judged = True
-                cool = torch.where(fresh_fail, pause, torch.where(had, cool, (cool - 1).clamp(min=0)))
-                pause = torch.where(fresh_fail, (2 * pause).clamp(max=cfg.max_backoff),
-                                    torch.where(had & fresh, cfg.backoff, pause))
-                probe = torch.where(fresh_fail, (probe // 4).clamp(min=2), torch.where(had & fresh, window, probe))
-            fresh = torch.zeros_like(fresh)
-        done = (last == eos) | (L >= max_len)
+            run.verify_window(w, W, drafted_rows)
+        done = (s.last == eos) | (s.L >= max_len)
         any_done = bool(done.any())
-        if cfg.adaptive and not replayed and R == 1:
+        if cfg.adaptive and not run.replayed and R == 1:
             guard.observe("verify" if W else "lean", time.perf_counter() - t_verify, 1)
         if any_done:
-            fin = done.nonzero().squeeze(1)
-            if cfg.adaptive and B == 1:  # the next call's row may start from this back-off state
-                f0 = int(fin[0])
-                guard.pause, guard.cool, guard.probe = int(pause[f0]), int(cool[f0]), int(probe[f0])
-            out[idx[fin]] = toks[fin, :max_len]
-            out_score[idx[fin]] = score[fin] / L[fin].float()
-            st["tokens"] += int(L[fin].sum())
-            st["single_verification"] += int((verifications[fin] == 1).sum())
-            keep = (~done).nonzero().squeeze(1)
-            idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, probe, verifications = (
-                v[keep] for v in (idx, toks, L, last, score, draft, dlen, fresh, win, cool, pause, probe, verifications))
-            if len(keep):
-                verifier.keep(keep)
-                if len_logits is not None:
-                    len_logits = len_logits[keep]
-    clock.lap("ms_verify")
-    st.update(clock.times, drafted_verifications=int(n_drafted), accepted=int(n_accepted))
-    st.update(lossless=cfg.lossless, replay_disagreements=sum(r.disagreements for r in replays.values()))
-    return out, out_score, {**combine_stats([st]), **(guard.state() if cfg.adaptive else {})}
+            run.finish_rows(done)
+    return run.result()
+
+
+@dataclass
+class _Rows:
+    """Row state of the rows still decoding (compacted as rows finish)."""
+
+    idx: torch.Tensor  # [R] the source (batch index) of each row
+    toks: torch.Tensor  # [R, width] committed tokens, then pad
+    L: torch.Tensor  # [R] committed tokens
+    last: torch.Tensor  # [R] the last committed token (the decoder start before any)
+    score: torch.Tensor  # [R] float32 sum of the committed tokens' log-probs
+    draft: torch.Tensor  # [R, width]: draft[r, j] is for slot L + j
+    dlen: torch.Tensor  # [R] usable draft tokens
+    fresh: torch.Tensor  # [R] the draft was made this cycle
+    win: torch.Tensor  # [R] most draft tokens verified
+    cool: torch.Tensor  # [R] cycles left in the drafting pause
+    pause: torch.Tensor  # [R] length of the next pause
+    probe: torch.Tensor  # [R] window of the next fresh draft
+    verifications: torch.Tensor  # [R] verifications so far
+
+    @classmethod
+    def start(cls, B: int, width: int, window: int, start_token: int, pad: int, guard_start: tuple[int, int, int],
+              dev: torch.device) -> _Rows:
+        cool0, pause0, probe0 = guard_start
+        return cls(idx=torch.arange(B, device=dev),
+                   toks=torch.full((B, width), pad, dtype=torch.long, device=dev),
+                   L=torch.zeros(B, dtype=torch.long, device=dev),
+                   last=torch.full((B,), start_token, dtype=torch.long, device=dev),
+                   score=torch.zeros(B, device=dev),
+                   draft=torch.full((B, width), pad, dtype=torch.long, device=dev),
+                   dlen=torch.zeros(B, dtype=torch.long, device=dev),
+                   fresh=torch.zeros(B, dtype=torch.bool, device=dev),
+                   win=torch.full((B,), window, dtype=torch.long, device=dev),
+                   cool=torch.full((B,), cool0, dtype=torch.long, device=dev),
+                   pause=torch.full((B,), pause0, dtype=torch.long, device=dev),
+                   probe=torch.full((B,), probe0, dtype=torch.long, device=dev),
+                   verifications=torch.zeros(B, dtype=torch.long, device=dev))
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (in that order) of every field."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[index])
+
+
+class _Decode:
+    """One ``_speculative_decode`` call: the encoder pass, the verifier, the row state, the statistics
+    and a method per phase of a cycle."""
+
+    def __init__(self, model: JanusBart, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SpecConfig,
+                 profile: bool, drafter, guard: SpecGuard | None):
+        B, dev = input_ids.shape[0], input_ids.device
+        pad, eos, mask_id = model.config.pad_token_id, model.config.eos_token_id, model.mask_token_id
+        max_len, window = cfg.max_len, cfg.window
+        if max_len >= model.config.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} needs decoder positions up to {max_len}, but the model has "
+                             f"{model.config.max_position_embeddings}")
+        self.model, self.input_ids, self.attention_mask, self.cfg = model, input_ids, attention_mask, cfg
+        self.B, self.dev, self.ids = B, dev, (pad, mask_id, eos)
+        self.draft_fn = drafter or _draft
+        self.clock = _Clock(profile, dev)
+        enc = model.encode(input_ids, attention_mask)
+        cross = model.cross_kv(enc)
+        cross_mask = model.cross_mask(attention_mask)
+        self.use_head = cfg.draft_length == "head" and model.length_head is not None
+        self.len_logits = model.length_logits(enc, attention_mask).float() if self.use_head else None
+        self.tau = cfg.margin_for(enc.dtype)
+        self.verifier = _Verifier(model, cross, cross_mask, B, max_len + window + 2)
+        self.width = width = max_len + window + 1
+        self.out = torch.full((B, max_len), pad, dtype=torch.long, device=dev)
+        self.out_score = torch.zeros(B, device=dev)
+        self.guard = guard if guard is not None else SpecGuard(cfg)
+        # What the guard learnt carries over between batch-1 calls only (see the module docstring).
+        guard_start = self.guard.start() if cfg.adaptive and B == 1 else (0, cfg.backoff, window)
+        self.rows = _Rows.start(B, width, window, model.config.decoder_start_token_id, pad, guard_start, dev)
+        self.first_judged = False  # batch 1: the source's first draft was judged (SpecGuard.outcome)
+        self.replayed = False  # this cycle resolved a near-tie by exact replay (its timing is not the guard's)
+        self.replays: dict[int, _Replay] = {}
+        self.st = {"sources": B, "tokens": 0, "draft_passes": 0, "verify_passes": 0, "row_passes": 0,
+                   "verifications": 0, "drafted_verifications": 0, "accepted": 0, "replays": 0, "replay_steps": 0,
+                   "single_verification": 0}
+        self.ar_slots = torch.arange(width, device=dev)
+        self.not_eos = torch.arange(model.config.vocab_size, device=dev) != eos
+        self.n_drafted = self.n_accepted = torch.zeros((), dtype=torch.long, device=dev)
+
+    def draft_phase(self) -> int:
+        """1. Draft the rows that have no usable draft and are not pausing; returns how many drafted."""
+        s, st = self.rows, self.st
+        need = (s.dlen == 0) & (s.cool == 0) & (s.L < self.cfg.max_len - 1)
+        if not bool(need.any()):
+            return 0
+        rows = need.nonzero().squeeze(1)
+        sub_L = s.L[rows]
+        N = self.draft_lengths(rows, sub_L)
+        verifier, all_rows = self.verifier, len(rows) == len(s.idx)
+        sub_cross = verifier.cross if all_rows else [(k[rows], v[rows]) for k, v in verifier.cross]
+        sub_mask = verifier.cross_mask if all_rows else verifier.cross_mask[rows]
+        new, new_len = self.draft_fn(self.model, s.toks[rows], sub_L, N, sub_cross, sub_mask, int(s.probe[rows].max()))
+        s.draft[rows] = self.ids[0]
+        s.draft[rows, :new.shape[1]] = new
+        s.dlen[rows] = new_len
+        s.fresh[rows] = True
+        s.win[rows] = s.probe[rows]
+        st["draft_passes"] += 1
+        st["row_passes"] += len(rows)
+        self.clock.lap("ms_draft")
+        return len(rows)
+
+    def draft_lengths(self, rows: torch.Tensor, sub_L: torch.Tensor) -> torch.Tensor:
+        """Canvas length N of the drafting ``rows`` (prefixes ``sub_L``): see ``draft_length``."""
+        max_len, window = self.cfg.max_len, self.cfg.window
+        if not self.use_head:
+            return torch.clamp(sub_L + window, max=max_len)
+        n_cls = self.len_logits.shape[1]
+        lengths = torch.arange(n_cls, device=self.dev)
+        allowed = (lengths >= torch.clamp(sub_L + 1, min=2)[:, None]) & (lengths <= max_len)
+        ll = self.len_logits[rows].masked_fill(~allowed, float("-inf"))
+        return torch.where(allowed.any(1), ll.argmax(1), torch.clamp(sub_L + window, max=max_len))
+
+    def greedy_step(self) -> None:
+        """W == 0, the lean path: one content token and one query per row, greedy's next token."""
+        s, cfg = self.rows, self.cfg
+        h = self.verifier.run(s.last[:, None], s.L)[:, 0]
+        lp = torch.log_softmax(self.model.logits(h).float(), dim=-1)  # [R, V]
+        lp = _bans(lp[:, None], s.L[:, None], s.toks, cfg, self.not_eos, self.ids)[:, 0]
+        best_lp, nxt = lp.max(-1)
+        cert = _certified(lp, best_lp, nxt, s.score, self.tau)
+        new_score = s.score + best_lp
+        if not bool(cert.all()):
+            self.clock.lap("ms_verify")
+            self.resolve((~cert).nonzero().squeeze(1), s.L, s.toks, nxt, new_score)
+            self.clock.lap("ms_replay")
+        s.toks.scatter_(1, s.L[:, None], nxt[:, None])
+        s.last, s.L, s.score = nxt, s.L + 1, new_score
+        if cfg.adaptive:
+            s.cool = (s.cool - 1).clamp(min=0)
+
+    def verify_window(self, w: torch.Tensor, W: int, drafted_rows: int) -> None:
+        """W > 0: one AR pass over each row's last token and its first ``w`` draft tokens; accept the
+        longest agreeing draft prefix, commit it and the AR's token, move the draft on."""
+        s, cfg, dev = self.rows, self.cfg, self.dev
+        pad, eos = self.ids[0], self.ids[2]
+        R = len(s.idx)
+        content = torch.cat([s.last[:, None], s.draft[:, :W]], 1)
+        lp = torch.log_softmax(self.model.logits(self.verifier.run(content, s.L)).float(), dim=-1)  # [R, W+1, V]
+        t = s.L[:, None] + torch.arange(W + 1, device=dev)  # output slot of each query
+        seq = s.toks.scatter(1, t[:, :W], s.draft[:, :W]) if cfg.no_repeat_ngram else s.toks
+        lp = _bans(lp, t, seq, cfg, self.not_eos, self.ids)
+        d = content[:, 1:]
+        acc, acc_eos, nxt, nxt_ok, new_score = _accept(lp, d, w, s.score, cfg, self.tau, eos)
+        j = torch.arange(W + 1, device=dev)
+        if not bool(nxt_ok.all()):  # near-ties: greedy's own arithmetic decides (rare path)
+            self.clock.lap("ms_verify")
+            committed = s.toks.scatter(1, t[:, :W], torch.where(j[None, :W] < acc[:, None], d, pad))
+            self.resolve((~nxt_ok).nonzero().squeeze(1), s.L + acc, committed, nxt, new_score)
+            self.clock.lap("ms_replay")
+        # 3. Commit ``acc`` draft tokens and (unless the draft closed with </s>) the AR's token.
+        n_commit = acc + (~acc_eos).long()
+        commit = torch.where(j[None] < acc[:, None], torch.cat([d, d.new_full((R, 1), pad)], 1), nxt[:, None])
+        s.toks = s.toks.scatter(1, t, torch.where(j[None] < n_commit[:, None], commit, s.toks.gather(1, t)))
+        s.last = commit.gather(1, (n_commit - 1)[:, None]).squeeze(1)
+        s.L = s.L + n_commit
+        s.score = new_score
+        had = w > 0
+        self.n_drafted = self.n_drafted + had.sum()
+        self.n_accepted = self.n_accepted + acc.sum()
+        # The draft moves on by what was committed; it goes stale where the AR disagreed.
+        s.dlen = (s.dlen - n_commit).clamp(min=0)
+        shift = (self.ar_slots[None] + n_commit[:, None]).clamp(max=self.width - 1)
+        s.draft = s.draft.gather(1, shift).masked_fill(self.ar_slots[None] >= s.dlen[:, None], pad)
+        failed = had & (acc == 0)
+        s.dlen = s.dlen.masked_fill(failed, 0)
+        if cfg.adaptive:
+            self.adapt(had, acc, w, drafted_rows)
+        s.fresh = torch.zeros_like(s.fresh)
+
+    def adapt(self, had: torch.Tensor, acc: torch.Tensor, w: torch.Tensor, drafted_rows: int) -> None:
+        """The adaptive guard after a verification: the next window, and the back-off after a fresh
+        draft that did not pay (``had``: rows that verified a draft, ``acc`` of their ``w`` accepted)."""
+        s, cfg, window = self.rows, self.cfg, self.cfg.window
+        full = had & (acc == w)
+        s.win = torch.where(full, s.win, torch.where(had, (2 * acc).clamp(min=1, max=window), s.win))
+        min_accept = self.guard.min_accept() if len(s.idx) == 1 else 2
+        fresh_fail = had & s.fresh & (acc < min_accept)  # saved less than it cost
+        if drafted_rows and self.B == 1 and not self.first_judged and bool(had[0]):
+            # Only a source's first draft informs how the next source starts: later ones
+            # (often short drafts at the tail of an output) say little about it.
+            self.guard.outcome(0.0 if bool(fresh_fail[0]) else 1.0)
+            self.first_judged = True
+        s.cool = torch.where(fresh_fail, s.pause, torch.where(had, s.cool, (s.cool - 1).clamp(min=0)))
+        s.pause = torch.where(fresh_fail, (2 * s.pause).clamp(max=cfg.max_backoff),
+                              torch.where(had & s.fresh, cfg.backoff, s.pause))
+        s.probe = torch.where(fresh_fail, (s.probe // 4).clamp(min=2), torch.where(had & s.fresh, window, s.probe))
+
+    def resolve(self, rows: torch.Tensor, slot: torch.Tensor, committed: torch.Tensor, nxt: torch.Tensor,
+                new_score: torch.Tensor) -> None:
+        """Greedy's own token (and score) at ``slot`` for the uncertified ``rows``, by exact replay."""
+        self.replayed = True
+        for r in rows.tolist():
+            b = int(self.rows.idx[r])
+            rep = self.replays.get(b)
+            if rep is None:
+                rep = self.replays[b] = _Replay(self.model, self.input_ids[b], self.attention_mask[b])
+            before = rep.steps
+            tok, s = rep.token_at(int(slot[r]), committed[r], self.cfg)
+            self.st["replays"] += 1
+            self.st["replay_steps"] += rep.steps - before
+            nxt[r] = tok
+            new_score[r] = s[0]
+
+    def finish_rows(self, done: torch.Tensor) -> None:
+        """The rows that are ``done``: their outputs and statistics; the others are kept."""
+        s, st, max_len = self.rows, self.st, self.cfg.max_len
+        fin = done.nonzero().squeeze(1)
+        if self.cfg.adaptive and self.B == 1:  # the next call's row may start from this back-off state
+            f0 = int(fin[0])
+            self.guard.pause, self.guard.cool, self.guard.probe = int(s.pause[f0]), int(s.cool[f0]), int(s.probe[f0])
+        self.out[s.idx[fin]] = s.toks[fin, :max_len]
+        self.out_score[s.idx[fin]] = s.score[fin] / s.L[fin].float()
+        st["tokens"] += int(s.L[fin].sum())
+        st["single_verification"] += int((s.verifications[fin] == 1).sum())
+        keep = (~done).nonzero().squeeze(1)
+        s.keep(keep)
+        if len(keep):
+            self.verifier.keep(keep)
+            if self.len_logits is not None:
+                self.len_logits = self.len_logits[keep]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(tokens, mean token log-prob, stats) once every row has finished."""
+        st, cfg = self.st, self.cfg
+        self.clock.lap("ms_verify")
+        st.update(self.clock.times, drafted_verifications=int(self.n_drafted), accepted=int(self.n_accepted))
+        st.update(lossless=cfg.lossless, replay_disagreements=sum(r.disagreements for r in self.replays.values()))
+        return self.out, self.out_score, {**combine_stats([st]), **(self.guard.state() if cfg.adaptive else {})}
+
+
+def _accept(lp: torch.Tensor, d: torch.Tensor, w: torch.Tensor, score: torch.Tensor, cfg: SpecConfig, tau: float,
+            eos: int) -> tuple[torch.Tensor, ...]:
+    """Acceptance of the drafts ``d`` [R, W] (``w`` [R] of them verified) given the banned log-probs
+    ``lp`` [R, W+1, V] of the verified slots: (accepted draft tokens ``acc``, whether the last
+    accepted one is </s>, the AR's token after them, whether it is certified, the score after it)."""
+    W = d.shape[1]
+    d_lp = lp[:, :W].gather(-1, d[..., None]).squeeze(-1)  # [R, W]
+    sums = [score]
+    for i in range(W):  # float32 sums in greedy's order: score after slot i
+        sums.append(sums[-1] + d_lp[:, i])
+    S = torch.stack(sums, 1)  # [R, W+1]: score before each slot if the drafts before it are taken
+    best_lp, ar_tok = lp.max(-1)
+    cert = _certified(lp, best_lp, ar_tok, S, tau)
+    ok = (ar_tok[:, :W] == d) & cert[:, :W]
+    if cfg.relaxed_topk:
+        better = (lp[:, :W] > d_lp[..., None]).sum(-1)
+        ok |= (better < cfg.relaxed_topk) & (d_lp >= best_lp[:, :W] - cfg.relaxed_margin) & torch.isfinite(d_lp)
+    ok &= torch.arange(W, device=d.device) < w[:, None]
+    acc = ok.long().cumprod(1).sum(1)  # accepted draft tokens per row
+    acc_eos = (acc > 0) & (d.gather(1, (acc - 1).clamp(min=0)[:, None]).squeeze(1) == eos)
+    nxt = ar_tok.gather(1, acc[:, None]).squeeze(1)
+    nxt_ok = cert.gather(1, acc[:, None]).squeeze(1) | acc_eos
+    new_score = S.gather(1, acc[:, None]).squeeze(1)  # the score after the accepted drafts, + the AR token's
+    new_score = torch.where(acc_eos, new_score, new_score + best_lp.gather(1, acc[:, None]).squeeze(1))
+    return acc, acc_eos, nxt, nxt_ok, new_score
 
 
 class _Clock:
