@@ -64,6 +64,8 @@ class FaultInjectionConfig:
     hang_at_step: int = field(default=0, metadata={"help": "testing: rank faults.hang_rank stops responding in this step"})
     hang_rank: int = field(default=0, metadata={"help": "testing: the rank that hangs (faults.hang_at_step)"})
     step_sleep_seconds: float = field(default=0.0, metadata={"help": "testing: sleep this long in every step (slow steps)"})
+    save_sleep_seconds: float = field(default=0.0, metadata={
+        "help": "testing: every checkpoint save takes this much longer (a large model's save)"})
 
 
 @dataclass
@@ -277,7 +279,19 @@ def build_engine(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, ma
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, model_parameters=None if optimizer is not None else groups,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    print0(precision_summary(engine))
     return engine, scheduler
+
+
+def precision_summary(engine) -> str:
+    """What the engine computes, accumulates and reduces gradients in, as it resolved the config."""
+    def name(dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    model_dtype, accum_dtype = engine.get_data_types()
+    text = (f"precision: weights {name(model_dtype)} (no autocast), gradients accumulated in {name(accum_dtype)} and "
+            f"reduced in {name(engine.communication_data_type)}, ZeRO stage {engine.zero_optimization_stage()}")
+    return text + (", dynamic loss scale" if engine.fp16_enabled() and engine.dynamic_loss_scale() else "")
 
 
 class _InfiniteGrad(torch.autograd.Function):
@@ -569,6 +583,8 @@ class _Loop:
                       "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": self.accum}}
         if self.spikes is not None:
             client["spike_window"] = self.spikes.state()
+        if self.run.faults.save_sleep_seconds:
+            time.sleep(self.run.faults.save_sleep_seconds)
         checkpoint.save(engine, self.root, self.step, client, self.model_meta, self.run.keep_last,
                         fail_midway=self.run.faults.crash_in_save_at_step == self.step)
 

@@ -34,6 +34,7 @@ _janus_die() {
 
 # Signal bookkeeping (the batch shell gets USR1 from `#SBATCH --signal=B:USR1@T`).
 _JANUS_STEP_PID=""
+_JANUS_VIA_SRUN=0 # the step runs under srun (several nodes)
 _JANUS_STOP=0    # USR1 seen: training was asked to save and stop, the job should come back
 _JANUS_TRAPS=0   # how many trapped signals interrupted `wait`
 _JANUS_TERM=0    # TERM seen: scancel, the time limit or preemption; the trainer saves, the job does not requeue itself
@@ -42,10 +43,27 @@ _janus_on_usr1() {
     _JANUS_TRAPS=$((_JANUS_TRAPS + 1))
     _JANUS_STOP=1
     _janus_log "USR1 received (walltime near, or sent by hand): asking the trainer to save and stop"
-    # srun forwards the signal to every process of the step; torchrun ignores it (see below),
-    # the trainer ranks save a checkpoint at the next step boundary and exit cleanly.
-    [[ -n $_JANUS_STEP_PID ]] && kill -USR1 "$_JANUS_STEP_PID" 2>/dev/null
+    # srun forwards it to every process of its step; without srun (one node) it goes to the step's
+    # process tree (torchrun starts each rank in a session of its own, so a process-group signal
+    # would miss them). torchrun and the loader workers ignore it; the trainer ranks save a
+    # checkpoint at the next step boundary and exit cleanly.
+    if [[ -n $_JANUS_STEP_PID ]]; then
+        if ((_JANUS_VIA_SRUN)); then
+            kill -USR1 "$_JANUS_STEP_PID" 2>/dev/null
+        else
+            _janus_signal_tree USR1 "$_JANUS_STEP_PID"
+        fi
+    fi
     return 0
+}
+
+# Send signal $1 to process $2 and all its descendants (children first).
+_janus_signal_tree() {
+    local child
+    for child in $(pgrep -P "$2" 2>/dev/null); do
+        _janus_signal_tree "$1" "$child"
+    done
+    kill "-$1" "$2" 2>/dev/null || true
 }
 
 _janus_on_term() {
@@ -164,8 +182,12 @@ janus_launch() {
     # ---- rendezvous: first host of the allocation, port from the job id
     local nnodes master_addr master_port
     local -a launcher=()
-    if [[ -n ${SLURM_JOB_ID:-} ]]; then
-        nnodes=${SLURM_NNODES:-1}
+    nnodes=${SLURM_NNODES:-1}
+    if [[ -n ${SLURM_JOB_ID:-} ]] && ((nnodes > 1)); then
+        # Several nodes: one srun task per node. srun turns a TERM it receives itself (scancel, the
+        # time limit and preemption signal the batch step too) into SIGKILL of every task ("srun:
+        # forcing job termination"; it resets an inherited SIG_IGN), so a multi-node job saves on
+        # the USR1 warning before the limit, not on TERM: see slurm/README.md.
         local hosts
         hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST") || _janus_die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
         master_addr=${hosts%%$'\n'*}
@@ -175,7 +197,8 @@ janus_launch() {
         # srun >= 22.05 no longer inherits --cpus-per-task from sbatch: pass it, or each
         # node's torchrun and all its ranks would be confined to one CPU.
         [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && launcher+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    else  # not inside an allocation: one node, this machine
+    else  # one node (a one-node allocation, or no Slurm): torchrun runs right here, without srun,
+        # so a TERM from Slurm reaches the ranks (which save) and nothing turns it into SIGKILL
         nnodes=1
         master_addr=127.0.0.1
         master_port=${MASTER_PORT:-$((20000 + $$ % 10000))}
@@ -213,6 +236,7 @@ janus_launch() {
     trap _janus_on_term TERM XCPU
     local hangs_before
     hangs_before=$(_janus_hang_reports)
+    _JANUS_VIA_SRUN=$((${#launcher[@]} > 0))
     "${cmd[@]}" &
     _JANUS_STEP_PID=$!
     local rc traps_before

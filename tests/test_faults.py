@@ -361,6 +361,8 @@ class FakeEngine:
 def group(tmp_path):
     import torch.distributed as dist
 
+    if dist.is_initialized():  # left by an in-process training test that ran before
+        dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

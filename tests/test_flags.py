@@ -26,7 +26,7 @@ CHOICES = {
     "optim.schedule": "inverse_sqrt", "model.arch": "tiny", "data.masking": "span", "mtnat.lambda_schedule": "fixed",
     "run.resume": "none", "run.deepspeed_config": "ds_configs/zero1_fp32_cpu.json", "data.masking.preset": "reference",
     "data.verify": "always", "nmt:eval.iterations": "2,3", "eval.split": "valid", "model.bart": {"d_model": 32},
-    "optim.betas": [0.8, 0.9], "objective.label_smoothing": 0.25, "eval.protocol": "modern",
+    "optim.betas": [0.8, 0.9], "objective.label_smoothing": 0.25, "eval.protocol": "modern", "run.profile_steps": "2-3",
 }
 
 

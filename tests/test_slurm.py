@@ -143,6 +143,12 @@ def _finish(proc: subprocess.Popen, cluster: SlurmCluster, out: Path, ok: bool |
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
+    # `sbatch --wait` returns as soon as a cancelled or timed-out job leaves the running state; its
+    # processes may still be saving (until KillWait). Wait until Slurm lists the job no more.
+    job = re.search(r"Submitted batch job (\d+)", stdout or "")
+    deadline = time.monotonic() + 60
+    while job and time.monotonic() < deadline and cluster.run("squeue", "-h", "-j", job.group(1), check=False).stdout.strip():
+        time.sleep(0.2)
     log = out.read_text(errors="replace") if out.exists() else "(no job output)"
     assert ok is None or (proc.returncode == 0) == ok, (f"sbatch --wait returned {proc.returncode}\n{stdout}\n{stderr}\n--- job "
                                           f"output\n{log[-6000:]}\n{cluster.logs(tail=20)}")
@@ -216,14 +222,14 @@ def test_sbatch_pretrain_trains_checkpoints_resumes_and_requeues_on_usr1(cluster
     wait_for("the requeue", lambda: "(restart 1)" in log2())
     first_stop = int(re.findall(r"checkpoint saved at step (\d+), stopping", log2())[0])
     wait_for("the requeued run trains", lambda: _metric_rows(save)[-1]["step"] >= first_stop + 3)
-    # 4. The same signal sent to the job step only (`--signal=USR1@T` without B:): torchrun ignores
-    # it, the ranks save and stop, and the batch shell sees an unfinished run and requeues too.
-    cluster.run("scancel", "--signal=USR1", job[0])
+    # 4. The same signal sent to every process of the job (`scancel --signal=USR1 --full`; a one-node
+    # job runs torchrun in the batch step itself): torchrun and the loader workers ignore it, the
+    # ranks save and stop, and the batch shell requeues again.
+    cluster.run("scancel", "--signal=USR1", "--full", job[0])
     log = _finish(proc, cluster, out2)
 
     assert f"resumed from {save}/checkpoints/step_00000004 at step 4" in log, log[-3000:]
-    assert log.count("USR1 received") == 1 and log.count(f"requeueing job {job[0]}") == 2, log[-4000:]
-    assert "the trainer stopped before max_steps on a signal" in log, log[-4000:]
+    assert log.count("USR1 received") == 2 and log.count(f"requeueing job {job[0]}") == 2, log[-4000:]
     assert f"job {job[0]} (restart 1)" in log and f"job {job[0]} (restart 2)" in log, log[-4000:]
     stops = [int(s) for s in re.findall(r"checkpoint saved at step (\d+), stopping", log)]
     assert len(stops) == 2 and 7 <= stops[0] < stops[1] < 50, log[-4000:]
@@ -275,23 +281,29 @@ def test_sbatch_scancel_and_time_limit_save_and_the_next_job_resumes_exactly(clu
     save = tmp_path / "run"
     # A constant LR after warm-up: the jobs' --run.max_steps differ, and a decaying schedule depends on it.
     common = ("--run.keep_last", "0", "--run.save_every", "1000", "--data.num_workers", "2", "--optim.schedule", "constant")
+    # Saves that take seconds, as a real model's do: srun turning its own TERM into SIGKILL of the
+    # tasks ("forcing job termination") would win that race every time.
+    slow_save = ("--run.faults.save_sleep_seconds", "3")
     # 1. scancel while it trains.
     out1 = tmp_path / "cancel.out"
-    proc = _sbatch(cluster, "janus-cancel", out1, save, shards, "--run.max_steps", "1000", *common)
+    proc = _sbatch(cluster, "janus-cancel", out1, save, shards, "--run.max_steps", "1000", *common, *slow_save)
     _wait_for(proc, cluster, out1, "step 3", lambda: (_metric_rows(save) or [{"step": 0}])[-1]["step"] >= 3)
     cluster.run("scancel", "--name", "janus-cancel")
     log1 = _finish(proc, cluster, out1, ok=None)
     first = _saved_at(log1)
     assert _complete(save) == [first], log1[-4000:]
+    assert "forcing job termination" not in log1, log1[-4000:]
     # 2. Resubmitted with a 1-minute limit, it resumes there and runs into the limit (slow steps keep the
     # run short; CONT replaces the script's warning USR1, which Slurm would send before the limit).
     out2 = tmp_path / "limit.out"
     log2 = _finish(_sbatch(cluster, "janus-limit", out2, save, shards, "--run.max_steps", "1000",
-                           "--run.faults.step_sleep_seconds", "1", *common, sbatch_args=("--time=1", "--signal=B:CONT@1")),
+                           "--run.faults.step_sleep_seconds", "1", *common, *slow_save,
+                           sbatch_args=("--time=1", "--signal=B:CONT@1")),
                    cluster, out2, ok=None)
     assert f"resumed from {save}/checkpoints/step_{first:08d} at step {first}" in log2, log2[-4000:]
     second = _saved_at(log2)
     assert second > first and _complete(save) == [first, second], log2[-4000:]
+    assert "forcing job termination" not in log2, log2[-4000:]
     # 3. Resubmitted again, it resumes at the second stop and finishes two steps later.
     final = second + 2
     out3 = tmp_path / "last.out"

@@ -200,6 +200,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     # The production configuration, not a shortcut: chunked losses, ZeRO-3 partitioning everything,
     # weights in bf16 without autocast in the step benchmark.
     assert zero3["chunked_losses"] and zero3["zero_stage"] == 3 and zero3["precision"] == "bf16"
+    assert "accumulated in float32 and reduced in float32" in zero3["precision_line"]  # as the engine resolved it
     step = summary["parts"]["train_step_bf16"]
     assert (step["dtype"], step["precision"]) == ("bfloat16", "cast")
     assert json.loads(out.read_text())["ok"]

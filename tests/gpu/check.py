@@ -137,6 +137,10 @@ class Check:
         if not all(math.isfinite(r["loss/total"]) for r in rows):
             raise RuntimeError("a logged loss is not finite")
         used = self.production_settings(save)
+        used["precision_line"] = next((ln for ln in resumed.stdout.splitlines() if ln.startswith("precision:")), None)
+        if used["precision"] == "bf16" and "accumulated in float32 and reduced in float32" not in (
+                used["precision_line"] or ""):
+            raise RuntimeError(f"bf16 gradients are not accumulated and reduced in fp32: {used['precision_line']}")
         info = {"loss_first": first["loss/total"], "loss_last": last["loss/total"], "steps": last["step"],
                 "tokens_per_s": last["throughput/tokens_per_s"], "skipped_steps": last["skipped_steps"],
                 "tflops_per_device": last.get("throughput/tflops_per_device"), **used}
