@@ -18,6 +18,7 @@ batch still on the CPU (before ``.to(device)``).
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Iterable
 
@@ -51,8 +52,6 @@ def fp32_matmul_kind() -> str:
     ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` ("high" or
     "medium" allow it; torch's default "highest" does not), and ``NVIDIA_TF32_OVERRIDE=0``, which
     turns TF32 off in the CUDA libraries whatever torch allows."""
-    import os
-
     if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
         return "fp32"
     allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"

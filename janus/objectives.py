@@ -412,19 +412,19 @@ class _VocabPass:
         self.h_groups, self.t_groups, self.h_single, self.t_single = h_groups, t_groups, h_single, t_single
 
     def run(self, coef: dict | None, want_sums: bool, grad_bias: bool):
-        """(term sums or None, gradients or None). The gradients are those of ``sum_t coef_t *
-        term_t`` multiplied by ``grads["scale"]`` (see ``_grad_scale``)."""
+        """(term sums or None, gradients or None, scale). The gradients are those of ``sum_t coef_t
+        * term_t`` multiplied by ``scale`` (see ``_grad_scale``; 1.0 without coefficients)."""
         spec, cd = self.spec, self.spec.compute_dtype
         acc = torch.promote_types(cd, torch.float32)  # accumulators (fp32, or fp64 for fp64 models)
         device = self.weight.device
         w = self.weight.to(cd)
         sums = {t: [] for t in TERMS} if want_sums else None
-        grads = None
+        grads, scale = None, 1.0
         if coef is not None:
             scale = _grad_scale(coef, cd)
             if not (isinstance(scale, float) and scale == 1.0):
                 coef = {t: c * scale for t, c in coef.items()}
-            grads = {"scale": scale,"groups": torch.empty_like(self.h_groups), "single": torch.empty_like(self.h_single),
+            grads = {"groups": torch.empty_like(self.h_groups), "single": torch.empty_like(self.h_single),
                      "weight": None,  # the first chunk writes it (no zero fill of a [vocab, d_model] tensor)
                      "bias": (torch.zeros(self.weight.shape[0], dtype=acc, device=device)
                               if grad_bias else None)}
@@ -460,7 +460,7 @@ class _VocabPass:
         if sums is not None:
             zero = torch.zeros((), dtype=acc, device=device)
             sums = torch.stack([torch.stack(v).sum() if v else zero for v in sums.values()])
-        return sums, grads
+        return sums, grads, scale
 
 
 class _ChunkedVocabLoss(torch.autograd.Function):
@@ -478,10 +478,10 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         vp = _VocabPass(spec, weight, bias, h_groups, t_groups, h_single, t_single)
         grad_bias = bias is not None and ctx.needs_input_grad[1]
-        sums, grads = vp.run(total_coef, want_sums=True, grad_bias=grad_bias)
+        sums, grads, scale = vp.run(total_coef, want_sums=True, grad_bias=grad_bias)
         ctx.spec, ctx.grad_bias, ctx.total_coef = spec, grad_bias, total_coef
         # Kept on ctx (not saved tensors): they are scaled in place and dropped by the first backward.
-        ctx.precomputed = grads
+        ctx.precomputed = (grads, scale)
         ctx.save_for_backward(weight, bias, h_groups, h_single, t_groups, t_single)
         return sums, _weighted(sums, total_coef)
 
@@ -493,9 +493,10 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         if grad_total is not None:
             pre, ctx.precomputed = ctx.precomputed, None
             if pre is not None:
-                factor = grad_total / pre.pop("scale")
+                grads, scale = pre
+                factor = grad_total / scale
                 for key in out:
-                    g = pre[key]
+                    g = grads[key]
                     out[key] = None if g is None else _rescaled(g, factor)
             else:
                 coef = {t: grad_total * c for t, c in ctx.total_coef.items()}
@@ -504,8 +505,7 @@ class _ChunkedVocabLoss(torch.autograd.Function):
             coef = per_term if coef is None else {t: v + coef[t] if t in coef else v for t, v in per_term.items()}
         if coef is not None:
             vp = _VocabPass(ctx.spec, weight, bias, h_groups, t_groups, h_single, t_single)
-            _, grads = vp.run(coef, want_sums=False, grad_bias=ctx.grad_bias)
-            scale = grads.pop("scale")
+            _, grads, scale = vp.run(coef, want_sums=False, grad_bias=ctx.grad_bias)
             for key, g in grads.items():
                 if g is not None:
                     g = _rescaled(g, 1.0 / scale)
@@ -541,6 +541,8 @@ def _rescaled(g: torch.Tensor, factor) -> torch.Tensor:
     """``g * factor`` (a python float or 0-dim tensor); half-precision ``g`` is multiplied in fp32
     and rounded once (``factor`` itself may not be representable in fp16: 2^16 is not). In place
     for fp32/fp64 ``g``."""
+    if isinstance(factor, float) and factor == 1.0:
+        return g
     if g.dtype in (torch.float16, torch.bfloat16):
         return g.float().mul_(factor).to(g.dtype)
     return g.mul_(factor.to(g.dtype) if torch.is_tensor(factor) else factor)
@@ -595,7 +597,7 @@ def _chunked_sums(out, labels: torch.Tensor, cfg: ObjectiveConfig, rows: _Rows,
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (weight, bias, h_groups, h_single)):
                 return _ChunkedVocabLoss.apply(weight, bias, h_groups, h_single, t_groups, t_single, spec, total_coef)
-            sums, _ = _VocabPass(spec, weight, bias, h_groups, t_groups, h_single, t_single).run(
+            sums, _, _ = _VocabPass(spec, weight, bias, h_groups, t_groups, h_single, t_single).run(
                 None, want_sums=True, grad_bias=False)
             return sums, _weighted(sums, total_coef)
 

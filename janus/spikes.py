@@ -16,8 +16,7 @@ from collections import deque
 
 class SpikeGuard:
     def __init__(self, sigma: float, window: int, state: list[float] | None = None):
-        if sigma <= 0 or window < 2:
-            raise ValueError(f"run.spike_sigma must be > 0 and run.spike_window >= 2, got {sigma} and {window}")
+        """``sigma`` > 0 and ``window`` >= 2, as ``RunConfig`` validates them."""
         self.sigma, self.window = sigma, window
         self.values: deque[float] = deque(state or [], maxlen=window)
 
@@ -29,10 +28,6 @@ class SpikeGuard:
         mean = sum(self.values) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in self.values) / n)
         return mean + self.sigma * std if std > 0 else None
-
-    def is_spike(self, loss: float) -> bool:
-        limit = self.threshold()
-        return limit is not None and loss > limit
 
     def observe(self, loss: float) -> None:
         self.values.append(loss)
