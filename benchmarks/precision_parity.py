@@ -78,7 +78,7 @@ class GpuLikeLayerNorm(nn.LayerNorm):
 
 def gpu_like(model: nn.Module) -> nn.Module:
     """Swap ``GpuLikeLayerNorm`` in for every plain ``nn.LayerNorm`` (same parameters)."""
-    for name, m in list(model.named_modules()):
+    for m in list(model.modules()):
         for child_name, child in list(m.named_children()):
             if type(child) is nn.LayerNorm:
                 new = GpuLikeLayerNorm(child.normalized_shape, eps=child.eps, device="meta")
@@ -180,10 +180,9 @@ def case_dropout(seed: int = 0, rows: int = 256, d: int = 768, p: float = 0.1):
     return {"x": x}, {k: layer(k) for k in ("ours", "plain", "reference")}
 
 
-def _janus_case(seed: int, vocab: int, d: int, B: int, N: int, S: int, whole_model: bool):
+def _janus_case(seed: int, vocab: int, d: int, B: int, N: int, S: int):
     """A tiny JanusBart with adversarial LayerNorms and peaked logits, and a padded batch with
-    long targets. ``whole_model``: every parameter is a leaf; otherwise only the decoder outputs'
-    path through the vocabulary losses is measured (hidden states as leaves)."""
+    long targets (the model's own weights: each case picks its leaves)."""
     from transformers import BartConfig
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -233,7 +232,7 @@ _PLAIN_OBJECTIVE = ObjectiveConfig(preset="janus", loss_chunk_rows=0)
 def case_vocab_loss(seed: int = 0, vocab: int = 4096, d: int = 64, B: int = 8, N: int = 48, S: int = 24):
     """The chunked vocabulary losses (64-row chunks) vs the unchunked ones, on the decoder outputs
     of a tiny model: hidden states, lm_head weight and logits bias are the leaves."""
-    model, batch = _janus_case(seed, vocab, d, B, N, S, whole_model=False)
+    model, batch = _janus_case(seed, vocab, d, B, N, S)
     with torch.no_grad():
         out = model(*batch, objective=_PLAIN_OBJECTIVE)
     leaves = {"ar": out.ar_hidden, "nar": out.nar_hidden, "aux": out.aux_hidden, "lm_head": model.lm_head.weight.detach()}
@@ -256,7 +255,7 @@ def case_vocab_loss(seed: int = 0, vocab: int = 4096, d: int = 64, B: int = 8, N
 def case_janus_bart(seed: int = 0, vocab: int = 4096, d: int = 64, B: int = 8, N: int = 48, S: int = 24):
     """One whole training forward/backward: JanusBart with lean activations and chunked losses
     (ours) vs plain modules with unchunked losses (plain, GPU-like LayerNorms); every parameter."""
-    model, batch = _janus_case(seed, vocab, d, B, N, S, whole_model=True)
+    model, batch = _janus_case(seed, vocab, d, B, N, S)
     leaves = {n: p.detach().clone() for n, p in model.named_parameters()}
     lean = JanusBart(model.config, lean_activations=True).eval()
     lean.load_state_dict(model.state_dict())
@@ -340,7 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     table = {}
     print(f"{'regime':<14} {'path':<11} {'ours':>9} {'plain':>9} {'worst ratio':>11} {'scale':>8}  worst gradient")
     for r in args.regimes:
